@@ -1,0 +1,200 @@
+"""Block-diffusion core attention for megatron-core transformer layers.
+
+:class:`BlockDiffusionAttention` satisfies megatron-core's ``CoreAttention`` contract (the
+``core_attention`` submodule of ``SelfAttention``): inputs ``query [sq, b, np, hn]``,
+``key``/``value [sk, b, ng, hn]`` (``np``/``ng``: attention heads / query groups of this tensor
+parallel rank), output ``[sq, b, np * hn]``. It has no parameters, so checkpoints keep
+megatron-core's layout, and works under tensor parallelism (heads split), pipeline parallelism and
+sequence parallelism (queries arrive whole after the sequence all-gather of ``linear_qkv``).
+
+The mask is not a dense tensor handed down the layer stack. The module holds a :class:`MaskSpec`
+(layout, stream length, block size, annealing step), set for every layer by the model wrapper
+before each forward; megatron's ``attention_mask`` argument carries only the optional per-sample
+document ids ``[b, L]`` (an integer tensor, so activation recomputation can save it). Both
+backends derive their masks from :func:`masks.allowed`:
+
+``dense``  SDPA with the boolean mask from the predicate: the CPU reference.
+``flex``   FlexAttention with cached BlockMasks; dual layouts run as two calls (noisy queries over
+           ``[noisy ; clean]`` keys through a sparse block mask, clean queries causal over clean
+           keys), so nothing ``O(L^2)`` is materialised. The GPU default.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.attention.flex_attention import flex_attention
+
+from .flex import block_mask_for, clean_part_is_causal
+from .masks import DUAL_LAYOUTS, MaskSpec, dense_allowed_from_spec
+
+BACKENDS = ("dense", "flex")
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask, scale):
+    """Compiled FlexAttention on CUDA; the eager (reference) implementation on CPU."""
+    global _compiled_flex
+    if not q.is_cuda and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        raise RuntimeError(
+            "the flex attention backend has no backward pass on CPU (torch FlexAttention limit); "
+            "train on CPU with attention_backend='dense', or run flex forward-only (torch.no_grad)"
+        )
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+def check_parallel_divisibility(num_heads: int, num_query_groups: int, tp: int) -> None:
+    """Clear errors for tensor-parallel sizes that do not split the heads evenly."""
+    if num_heads % tp != 0:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide num_attention_heads={num_heads}"
+        )
+    if num_query_groups % tp != 0:
+        raise ValueError(
+            f"tensor parallel size {tp} does not divide num_query_groups={num_query_groups}"
+        )
+
+
+def validate_doc_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if attention_mask is None:
+        return None
+    if not torch.is_tensor(attention_mask) or attention_mask.dtype in (torch.bool,) or (
+        attention_mask.dtype.is_floating_point
+    ):
+        raise TypeError(
+            "BlockDiffusionAttention derives its mask from the layout; the attention_mask argument "
+            "must be None or an integer tensor of document ids [batch, L], found "
+            f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}"
+        )
+    return attention_mask
+
+
+class BlockDiffusionAttention(MegatronModule):
+    """Core attention with block-diffusion layouts (see module docstring)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        backend: str = "dense",
+    ):
+        super().__init__(config=config)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "context parallelism is not supported with block-diffusion attention yet "
+                f"(context_parallel_size={config.context_parallel_size}); use 1"
+            )
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(
+                f"attention dropout {dropout} is not supported by BlockDiffusionAttention; "
+                "set attention_dropout=0 (adaptation recipes train without it)"
+            )
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"softmax_type {config.softmax_type!r} is not supported; use 'vanilla'")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError("sliding-window attention is not supported with block-diffusion layouts")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        check_parallel_divisibility(config.num_attention_heads, config.num_query_groups, tp)
+        self.backend = backend
+        self.layer_number = layer_number
+        self.attention_type = attention_type
+        self.heads_per_partition = config.num_attention_heads // tp
+        self.groups_per_partition = config.num_query_groups // tp
+        self.head_dim = config.kv_channels
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        )
+        # Set by the model wrapper before each forward; None means plain causal attention.
+        self.mask_spec: Optional[MaskSpec] = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError(
+                "BlockDiffusionAttention takes no attention_bias or packed_seq_params; pass document "
+                "ids as attention_mask for packed documents"
+            )
+        sq, b, nh, hn = query.shape
+        spec = self.mask_spec if self.mask_spec is not None else MaskSpec("causal", sq)
+        if spec.total_len != sq or key.shape[0] != sq:
+            raise ValueError(
+                f"attention over {sq} queries and {key.shape[0]} keys does not match layout "
+                f"{spec.layout!r} with {spec.total_len} positions"
+            )
+        doc_ids = validate_doc_ids(attention_mask)
+        # [s, b, h, d] -> [b, h, s, d]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        if self.backend == "dense":
+            out = self._dense(q, k, v, spec, doc_ids)
+        else:
+            out = self._flex(q, k, v, spec, doc_ids)
+        # [b, h, s, d] -> [s, b, h * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+    def _dense(self, q, k, v, spec: MaskSpec, doc_ids):
+        mask = dense_allowed_from_spec(spec, doc_ids, device=q.device)
+        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(0)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
+        )
+
+    def _flex(self, q, k, v, spec: MaskSpec, doc_ids):
+        if spec.layout == "causal" and doc_ids is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=True
+            )
+        if spec.layout not in DUAL_LAYOUTS:
+            bm = block_mask_for(spec, "full", doc_ids, device=q.device)
+            return _flex(q, k, v, bm, self.softmax_scale)
+        L = spec.seq_len
+        noisy = _flex(
+            q[:, :, :L], k, v, block_mask_for(spec, "noisy", doc_ids, device=q.device),
+            self.softmax_scale,
+        )
+        qc, kc, vc = q[:, :, L:], k[:, :, L:], v[:, :, L:]
+        if clean_part_is_causal(spec, doc_ids):
+            clean = F.scaled_dot_product_attention(
+                qc, kc, vc, is_causal=True, scale=self.softmax_scale, enable_gqa=True
+            )
+        else:
+            clean = _flex(
+                qc, kc, vc, block_mask_for(spec, "clean", doc_ids, device=q.device),
+                self.softmax_scale,
+            )
+        return torch.cat([noisy, clean], dim=2)

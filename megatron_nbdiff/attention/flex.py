@@ -1,0 +1,88 @@
+"""FlexAttention ``BlockMask`` builders derived from :func:`masks.allowed`.
+
+Dual layouts are split in two query groups, because clean queries never see noisy keys
+(METHOD.md's table):
+
+* noisy queries (``L``) attend over all ``2L`` keys through a sparse block mask;
+* clean queries (``L``) attend over the ``L`` clean keys only: plain causal attention for
+  ``dual_context_causal`` without documents (so the fast causal kernel can serve it), otherwise a
+  block mask of their own.
+
+Every ``mask_mod`` here is :func:`masks.allowed` with index offsets, never a second copy of the
+rule. BlockMasks that do not depend on document ids are cached per (spec, part, device).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from .masks import DUAL_LAYOUTS, MaskSpec, _check_doc_ids, allowed
+
+PARTS = ("full", "noisy", "clean")
+
+
+def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Tensor] = None):
+    """FlexAttention ``mask_mod`` for one query group of ``spec``.
+
+    ``part``: ``"full"`` (all ``total_len`` queries and keys), ``"noisy"`` (dual only: the ``L``
+    noisy queries against all ``2L`` keys) or ``"clean"`` (dual only: the ``L`` clean queries
+    against the ``L`` clean keys).
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown mask part {part!r}; expected one of {PARTS}")
+    if part != "full" and spec.layout not in DUAL_LAYOUTS:
+        raise ValueError(f"part {part!r} exists only for dual layouts, not {spec.layout!r}")
+    off = spec.seq_len if part == "clean" else 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(spec, b, q_idx + off, kv_idx + off, doc_ids)
+
+    return mask_mod
+
+
+def part_shape(spec: MaskSpec, part: str) -> tuple[int, int]:
+    """(queries, keys) of a part."""
+    L = spec.seq_len
+    if part == "full":
+        return spec.total_len, spec.total_len
+    return (L, 2 * L) if part == "noisy" else (L, L)
+
+
+def block_mask_for(
+    spec: MaskSpec,
+    part: str = "full",
+    doc_ids: Optional[torch.Tensor] = None,
+    device=None,
+    block: int = 128,
+) -> BlockMask:
+    """The BlockMask of one part of ``spec``; cached when ``doc_ids`` is None."""
+    _check_doc_ids(spec, doc_ids)
+    if doc_ids is not None:
+        q_len, kv_len = part_shape(spec, part)
+        return create_block_mask(
+            mask_mod_for(spec, part, doc_ids),
+            doc_ids.shape[0],
+            None,
+            q_len,
+            kv_len,
+            device=doc_ids.device,
+            BLOCK_SIZE=block,
+        )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached_block_mask(spec, part, dev, block)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_mask(spec: MaskSpec, part: str, device: torch.device, block: int) -> BlockMask:
+    q_len, kv_len = part_shape(spec, part)
+    return create_block_mask(
+        mask_mod_for(spec, part), None, None, q_len, kv_len, device=device, BLOCK_SIZE=block
+    )
+
+
+def clean_part_is_causal(spec: MaskSpec, doc_ids: Optional[torch.Tensor]) -> bool:
+    """Whether the clean queries of a dual layout need nothing but plain causal attention."""
+    return spec.layout == "dual_context_causal" and doc_ids is None

@@ -1,0 +1,76 @@
+"""The smallest shim that lets megatron-core 0.16.1 run on CPU with gloo.
+
+megatron-core assumes a CUDA device in a few places that matter for forward, backward and its
+parallel pieces:
+
+1. ``torch.cuda.current_device()`` as a ``device=`` argument (rotary embeddings, pipeline p2p
+   shape exchange, buffers). On a CPU-only build it raises. Shim: return ``"cpu"``.
+2. ``torch.cuda.synchronize()`` in the pipeline p2p code. Shim: no-op.
+3. The pipeline schedules create tensors with the literal ``device="cuda"``. Shim: a
+   :class:`torch.overrides.TorchFunctionMode` that rewrites CUDA ``device`` arguments to CPU,
+   entered only around the schedule call (:func:`cpu_device_mode`).
+
+Everything here is inactive when CUDA is present: :func:`install` does nothing and
+:func:`cpu_device_mode` is a null context.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def _no_sync(*args, **kwargs) -> None:
+    return None
+
+
+def install() -> bool:
+    """Install shims 1 and 2 when there is no CUDA. Idempotent. Returns whether it is active."""
+    global _installed
+    if cuda_present():
+        return False
+    if not _installed:
+        torch.cuda.current_device = _cpu_current_device
+        torch.cuda.synchronize = _no_sync
+        _installed = True
+    return True
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device=<cuda>`` keyword arguments of torch calls to ``"cpu"``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def cpu_device_mode():
+    """Context for megatron-core code that names ``device="cuda"`` literally (pipeline schedules).
+
+    A null context when CUDA is present.
+    """
+    if cuda_present():
+        return contextlib.nullcontext()
+    install()
+    return _CudaToCpu()

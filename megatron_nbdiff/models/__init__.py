@@ -1,0 +1,5 @@
+"""Layer specs and the two-stream model wrapper."""
+from .model import NBDiffModel, PositionRopeGPTModel, StreamLogits
+from .spec import get_nbdiff_layer_spec
+
+__all__ = ["NBDiffModel", "PositionRopeGPTModel", "StreamLogits", "get_nbdiff_layer_spec"]

@@ -1,0 +1,179 @@
+"""The model wrapper: megatron-core ``GPTModel`` with block-diffusion attention and two streams.
+
+:class:`NBDiffModel` takes clean ids (and noisy ids for dual layouts), a layout and a block size.
+For dual layouts it builds ``[x_t ; x_0]`` (``2L`` tokens) with position ids ``0..L-1`` for both
+halves, runs the GPT model with every core attention set to the layout's mask, and returns the
+noisy-stream and clean-stream logits separately. Single-stream diffusion (``single_annealed``,
+``bidirectional``) reads ``noisy_ids`` and fills ``noisy``; plain causal (AR) reads ``clean_ids``
+and fills ``clean``. Shift convention everywhere: the logit at position ``i`` predicts token
+``i + 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from ..attention.core_attention import BlockDiffusionAttention
+from ..attention.masks import DUAL_LAYOUTS, MaskSpec, check_layout
+from ..config import ModelConfig
+from .spec import get_nbdiff_layer_spec
+
+
+class PositionRopeGPTModel(GPTModel):
+    """``GPTModel`` whose rotary embedding follows ``position_ids`` instead of ``0..S-1``.
+
+    megatron-core computes RoPE for positions ``0..S-1`` whatever ``position_ids`` say; the dual
+    stream needs ``0..L-1`` twice. Rows of ``position_ids`` must be identical (the rotary table is
+    shared by the batch), which the wrapper guarantees.
+    """
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        rotary = out[1]
+        if position_ids is None or rotary is None:
+            return out
+        # [max_len, 1, 1, dim] table, indexed by this batch's positions -> [S, 1, 1, dim]
+        table = self.rotary_pos_emb(self.max_sequence_length)
+        rotary = table.index_select(0, position_ids[0].to(table.device))
+        return (out[0], rotary) + tuple(out[2:])
+
+
+@dataclasses.dataclass
+class StreamLogits:
+    """Logits per stream, ``[b, L, V]`` each (``V`` is the vocab partition under
+    ``parallel_output``; the real vocabulary otherwise). On a pipeline stage without the output
+    layer, ``hidden`` holds the stage's output ``[S, b, h]`` instead."""
+
+    noisy: Optional[torch.Tensor] = None
+    clean: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+
+
+def _check_ids(name: str, ids: Optional[torch.Tensor]) -> None:
+    if ids is None:
+        return
+    if not torch.is_tensor(ids) or ids.dim() != 2:
+        raise ValueError(f"{name} must be a [batch, L] tensor, found {getattr(ids, 'shape', ids)!r}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, found {ids.dtype}")
+
+
+class NBDiffModel(MegatronModule):
+    """Block-diffusion language model on megatron-core (see module docstring)."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        transformer_config,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = False,
+        use_te: bool = False,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=transformer_config)
+        self.model_config = model_config
+        tp = transformer_config.tensor_model_parallel_size
+        self.parallel_output = parallel_output
+        self.pre_process = pre_process
+        self.post_process = post_process
+        spec = get_nbdiff_layer_spec(
+            backend=model_config.attention_backend,
+            qk_layernorm=model_config.qk_layernorm,
+            use_te=use_te,
+        )
+        self.gpt = PositionRopeGPTModel(
+            config=transformer_config,
+            transformer_layer_spec=spec,
+            vocab_size=model_config.padded_vocab_size(tp),
+            max_sequence_length=model_config.max_seq_len,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=model_config.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model_config.rope_base,
+            vp_stage=vp_stage,
+        )
+        self._core_attention = [
+            m for m in self.gpt.modules() if isinstance(m, BlockDiffusionAttention)
+        ]
+
+    # megatron-core plumbing: pipeline input, checkpoint layout without a wrapper prefix.
+    def set_input_tensor(self, input_tensor) -> None:
+        self.gpt.set_input_tensor(input_tensor)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return self.gpt.sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def shared_embedding_or_output_weight(self):
+        return self.gpt.shared_embedding_or_output_weight()
+
+    def set_mask_spec(self, spec: MaskSpec) -> None:
+        """Point every layer's core attention at ``spec`` (done by :meth:`forward`)."""
+        for module in self._core_attention:
+            module.mask_spec = spec
+
+    def forward(
+        self,
+        clean_ids: Optional[torch.Tensor] = None,
+        noisy_ids: Optional[torch.Tensor] = None,
+        *,
+        layout: str = "causal",
+        block_size: int = 1,
+        doc_ids: Optional[torch.Tensor] = None,
+        anneal_step: int = 0,
+        anneal_steps: int = 0,
+        anneal_seed: int = 0,
+    ) -> StreamLogits:
+        """Run one forward. Ids are ``[b, L]``; ``doc_ids`` (packed documents) ``[b, L]``."""
+        check_layout(layout)
+        _check_ids("clean_ids", clean_ids)
+        _check_ids("noisy_ids", noisy_ids)
+        dual = layout in DUAL_LAYOUTS
+        if dual:
+            if clean_ids is None or noisy_ids is None:
+                raise ValueError(f"layout {layout!r} needs both clean_ids and noisy_ids")
+            if clean_ids.shape != noisy_ids.shape:
+                raise ValueError(
+                    f"clean_ids {tuple(clean_ids.shape)} and noisy_ids {tuple(noisy_ids.shape)} "
+                    "must have the same shape"
+                )
+            ids = torch.cat([noisy_ids, clean_ids], dim=1)
+        elif layout == "causal":
+            if clean_ids is None or noisy_ids is not None:
+                raise ValueError("layout 'causal' reads clean_ids only")
+            ids = clean_ids
+        else:
+            if noisy_ids is None or clean_ids is not None:
+                raise ValueError(f"single-stream layout {layout!r} reads noisy_ids only")
+            ids = noisy_ids
+        b, L = (clean_ids if clean_ids is not None else noisy_ids).shape
+        if L > self.model_config.max_seq_len:
+            raise ValueError(
+                f"stream length {L} exceeds the model's max_seq_len {self.model_config.max_seq_len}"
+            )
+        spec = MaskSpec(layout, L, block_size, anneal_step, anneal_steps, anneal_seed)
+        if doc_ids is not None and tuple(doc_ids.shape) != (b, L):
+            raise ValueError(f"doc_ids must have shape {(b, L)}, found {tuple(doc_ids.shape)}")
+        self.set_mask_spec(spec)
+        positions = torch.arange(L, device=ids.device)
+        if dual:
+            positions = torch.cat([positions, positions])
+        position_ids = positions.unsqueeze(0).expand(b, -1)
+        out = self.gpt(ids, position_ids, doc_ids)
+        if not self.post_process:
+            return StreamLogits(hidden=out)
+        # out: [b, S, V_padded or V_partition]
+        if not self.parallel_output:
+            out = out[..., : self.model_config.vocab_size]
+        if dual:
+            return StreamLogits(noisy=out[:, :L], clean=out[:, L:])
+        if layout == "causal":
+            return StreamLogits(clean=out)
+        return StreamLogits(noisy=out)
