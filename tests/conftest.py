@@ -2,11 +2,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -23,6 +23,9 @@ Layouts (METHOD.md sections 1 and 2; ``L`` = tokens per stream, ``B`` = block si
                          (seed, step, q, k) falls below ``step / K``; from step ``K`` on every
                          edge is open. No dense per-step tensor is needed: the hash is evaluated
                          inside the mask function.
+``prefix_block``         inference (block decoding without a cache): the first ``L - B`` positions
+                         are causal, the last ``B`` (the active block) see the whole prefix and each
+                         other. ``L`` need not be a multiple of ``B``.
 
 With packed documents (``doc_ids``, shape ``[b, L]``, one id per position of a stream), every edge
 additionally requires ``doc(q) == doc(k)`` (positions compared within the stream).
@@ -43,6 +46,7 @@ LAYOUTS = (
     "dual_context_causal",
     "dual_block_causal",
     "single_annealed",
+    "prefix_block",
 )
 DUAL_LAYOUTS = ("dual_context_causal", "dual_block_causal")
 
@@ -88,6 +92,10 @@ class MaskSpec:
             raise ValueError(f"seq_len must be a positive int, found {self.seq_len!r}")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive int, found {self.block_size!r}")
+        if self.layout == "prefix_block" and self.block_size > self.seq_len:
+            raise ValueError(
+                f"active block of {self.block_size} tokens is longer than the sequence ({self.seq_len})"
+            )
         if self.layout in DUAL_LAYOUTS and self.seq_len % self.block_size != 0:
             raise ValueError(
                 f"sequence length {self.seq_len} is not divisible by block size {self.block_size} "
@@ -161,6 +169,9 @@ def allowed(
             ok = k <= q
         elif layout == "bidirectional":
             ok = (k >= 0) & (q >= 0)
+        elif layout == "prefix_block":
+            start = L - B
+            ok = (k <= q) | ((q >= start) & (k >= start))
         else:  # single_annealed
             thr = spec.anneal_threshold
             if thr >= (1 << _ANNEAL_BITS):
