@@ -9,6 +9,9 @@ parallel pieces:
 3. The pipeline schedules create tensors with the literal ``device="cuda"``. Shim: a
    :class:`torch.overrides.TorchFunctionMode` that rewrites CUDA ``device`` arguments to CPU,
    entered only around the schedule call (:func:`cpu_device_mode`).
+4. Sequence-parallel embedding dropout forks megatron's CUDA RNG tracker, which cannot seed
+   without CUDA. Shim: :func:`seed_model_parallel_rng` registers the same named states (same
+   seeds as ``model_parallel_cuda_manual_seed``) in a tracker that forks the CPU generator.
 
 Everything here is inactive when CUDA is present: :func:`install` does nothing and
 :func:`cpu_device_mode` is a null context.
@@ -53,6 +56,56 @@ def _is_cuda_device(device) -> bool:
     if isinstance(device, str):
         return device.startswith("cuda")
     return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CpuRNGStatesTracker:
+    """megatron's RNG tracker interface over the CPU generator (shim 4)."""
+
+    def __init__(self):
+        self.states_ = {}
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states) -> None:
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.states_[name] = g.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"RNG state {name!r} was not added; call seed_model_parallel_rng first")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
+    """Register megatron's named RNG states (CUDA: its own function; CPU: shim 4)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if cuda_present():
+        mrandom.model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = _CpuRNGStatesTracker()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + 100 * tp_rank + 1)
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
 class _CudaToCpu(TorchFunctionMode):

@@ -24,6 +24,8 @@ def initialize_parallel(
     from megatron.core import parallel_state
 
     compat.install()
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
     if world_size is None:
@@ -47,10 +49,7 @@ def initialize_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(seed)
+    compat.seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
 
 
 def destroy_parallel() -> None:

@@ -20,7 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..attention.core_attention import BlockDiffusionAttention
 from ..attention.masks import DUAL_LAYOUTS, MaskSpec, check_layout
 from ..config import ModelConfig
-from .spec import get_nbdiff_layer_spec
+from .spec import get_nbdiff_block_spec
 
 
 class PositionRopeGPTModel(GPTModel):
@@ -82,10 +82,12 @@ class NBDiffModel(MegatronModule):
         self.parallel_output = parallel_output
         self.pre_process = pre_process
         self.post_process = post_process
-        spec = get_nbdiff_layer_spec(
+        spec = get_nbdiff_block_spec(
+            transformer_config,
             backend=model_config.attention_backend,
             qk_layernorm=model_config.qk_layernorm,
             use_te=use_te,
+            vp_stage=vp_stage,
         )
         self.gpt = PositionRopeGPTModel(
             config=transformer_config,
@@ -100,6 +102,7 @@ class NBDiffModel(MegatronModule):
             rotary_base=model_config.rope_base,
             vp_stage=vp_stage,
         )
+        self.model_type = self.gpt.model_type
         self._core_attention = [
             m for m in self.gpt.modules() if isinstance(m, BlockDiffusionAttention)
         ]
