@@ -82,6 +82,37 @@ def validate_doc_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.T
     return attention_mask
 
 
+def block_diffusion_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec,
+    doc_ids: Optional[torch.Tensor] = None,
+    backend: str = "dense",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of ``q [b, hq, S, d]`` over ``k, v [b, hkv, S, d]`` (GQA when ``hkv < hq``) under
+    ``spec``'s layout. Returns ``[b, hq, S, d]``."""
+    if backend == "dense":
+        mask = dense_allowed_from_spec(spec, doc_ids, device=q.device)
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    if backend != "flex":
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    if spec.layout == "causal" and doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if spec.layout not in DUAL_LAYOUTS:
+        return _flex(q, k, v, block_mask_for(spec, "full", doc_ids, device=q.device), scale)
+    L = spec.seq_len
+    noisy = _flex(q[:, :, :L], k, v, block_mask_for(spec, "noisy", doc_ids, device=q.device), scale)
+    qc, kc, vc = q[:, :, L:], k[:, :, L:], v[:, :, L:]
+    if clean_part_is_causal(spec, doc_ids):
+        clean = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        clean = _flex(qc, kc, vc, block_mask_for(spec, "clean", doc_ids, device=q.device), scale)
+    return torch.cat([noisy, clean], dim=2)
+
+
 class BlockDiffusionAttention(MegatronModule):
     """Core attention with block-diffusion layouts (see module docstring)."""
 
@@ -158,43 +189,6 @@ class BlockDiffusionAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        if self.backend == "dense":
-            out = self._dense(q, k, v, spec, doc_ids)
-        else:
-            out = self._flex(q, k, v, spec, doc_ids)
+        out = block_diffusion_attention(q, k, v, spec, doc_ids, self.backend, self.softmax_scale)
         # [b, h, s, d] -> [s, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
-
-    def _dense(self, q, k, v, spec: MaskSpec, doc_ids):
-        mask = dense_allowed_from_spec(spec, doc_ids, device=q.device)
-        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
-        while mask.dim() < 4:
-            mask = mask.unsqueeze(0)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=True
-        )
-
-    def _flex(self, q, k, v, spec: MaskSpec, doc_ids):
-        if spec.layout == "causal" and doc_ids is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=True
-            )
-        if spec.layout not in DUAL_LAYOUTS:
-            bm = block_mask_for(spec, "full", doc_ids, device=q.device)
-            return _flex(q, k, v, bm, self.softmax_scale)
-        L = spec.seq_len
-        noisy = _flex(
-            q[:, :, :L], k, v, block_mask_for(spec, "noisy", doc_ids, device=q.device),
-            self.softmax_scale,
-        )
-        qc, kc, vc = q[:, :, L:], k[:, :, L:], v[:, :, L:]
-        if clean_part_is_causal(spec, doc_ids):
-            clean = F.scaled_dot_product_attention(
-                qc, kc, vc, is_causal=True, scale=self.softmax_scale, enable_gqa=True
-            )
-        else:
-            clean = _flex(
-                qc, kc, vc, block_mask_for(spec, "clean", doc_ids, device=q.device),
-                self.softmax_scale,
-            )
-        return torch.cat([noisy, clean], dim=2)
