@@ -206,7 +206,8 @@ def dense_allowed_from_spec(
     return _dense_cached(spec, torch.device(device) if device is not None else torch.device("cpu"))
 
 
-@functools.lru_cache(maxsize=64)
+# Small: a dense mask is O(S^2) bytes, and annealing makes a new spec every step.
+@functools.lru_cache(maxsize=8)
 def _dense_cached(spec: MaskSpec, device: torch.device) -> torch.Tensor:
     S = spec.total_len
     idx = torch.arange(S, device=device)
