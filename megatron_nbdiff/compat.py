@@ -9,7 +9,11 @@ parallel pieces:
 3. The pipeline schedules create tensors with the literal ``device="cuda"``. Shim: a
    :class:`torch.overrides.TorchFunctionMode` that rewrites CUDA ``device`` arguments to CPU,
    entered only around the schedule call (:func:`cpu_device_mode`).
-4. Sequence-parallel embedding dropout forks megatron's CUDA RNG tracker, which cannot seed
+4. The (non-distributed) optimizer's gradient clipping asserts ``torch.cuda.FloatTensor``
+   gradients. Shim: the same clipping (scale every fp32 gradient by ``max_norm / (norm + 1e-6)``
+   when below 1) without the device assert. megatron's distributed optimizer requires CUDA
+   parameters outright; on CPU the training loop uses the non-distributed one.
+5. Sequence-parallel embedding dropout forks megatron's CUDA RNG tracker, which cannot seed
    without CUDA. Shim: :func:`seed_model_parallel_rng` registers the same named states (same
    seeds as ``model_parallel_cuda_manual_seed``) in a tracker that forks the CPU generator.
 
@@ -46,8 +50,25 @@ def install() -> bool:
     if not _installed:
         torch.cuda.current_device = _cpu_current_device
         torch.cuda.synchronize = _no_sync
+        from megatron.core.optimizer import optimizer as moptimizer
+
+        moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
         _installed = True
     return True
+
+
+def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Shim 4: megatron's clip-by-total-norm without its CUDA tensor-type assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    for g in grads:
+        if g.dtype != torch.float32:
+            raise TypeError(f"gradient clipping expects fp32 gradients, found {g.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 def _is_cuda_device(device) -> bool:
@@ -59,7 +80,7 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CpuRNGStatesTracker:
-    """megatron's RNG tracker interface over the CPU generator (shim 4)."""
+    """megatron's RNG tracker interface over the CPU generator (shim 5)."""
 
     def __init__(self):
         self.states_ = {}
@@ -94,7 +115,7 @@ class _CpuRNGStatesTracker:
 
 
 def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
-    """Register megatron's named RNG states (CUDA: its own function; CPU: shim 4)."""
+    """Register megatron's named RNG states (CUDA: its own function; CPU: shim 5)."""
     from megatron.core.tensor_parallel import random as mrandom
 
     if cuda_present():
