@@ -3,6 +3,7 @@ GQA) and lowers to megatron-core's ``TransformerConfig`` for a given parallel la
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import torch
@@ -144,3 +145,189 @@ class ModelConfig:
         )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The run config tree: YAML in and out, ``section.key=value`` overrides, unknown keys refused.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    train: list = dataclasses.field(default_factory=list)
+    """Indexed-dataset prefixes, or a flat blend ``[w1, prefix1, w2, prefix2, ...]``."""
+    split: str = "98,2,0"
+    """Train / validation / test split of the documents of ``train``."""
+    tokenizer: Optional[str] = None
+    """The tokenizer the data was made with (its end-of-document id separates packed documents);
+    default: the tokenizer of ``checkpoint.init_from``."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core caches its sample indices; default ``<save_dir>/data_cache``."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation, parallel layout, schedule and cadence."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    seq_len: int = 256
+    """Stream length L (dual layouts attend over 2L)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Final learning rate of the decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    lr_schedule: str = "cosine"
+    """'cosine', 'wsd' (warmup-stable-decay) or 'constant'."""
+    wsd_decay_steps: int = 0
+    """Decay steps at the end of a 'wsd' schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Gradient clipping by global norm (0: off)."""
+    seed: int = 1234
+    """Seed of weights (from scratch), data order and noise."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (with tp > 1)."""
+    dtype: str = "auto"
+    """'auto' (bf16 with CUDA, fp32 without), 'bf16' or 'fp32'."""
+    log_interval: int = 1
+    """Steps between console / metrics lines."""
+    eval_interval: int = 0
+    """Steps between held-out evaluations (0: never)."""
+    eval_iters: int = 2
+    """Global batches per evaluation."""
+    nan_policy: str = "stop"
+    """A NaN/Inf loss: 'stop' (save nothing, exit with a message) or 'skip' (drop the step)."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak TFLOP/s for MFU; None: 989 (H100 bf16 dense) with CUDA, no MFU on CPU."""
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp",
+                     "log_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, found {getattr(self, name)}")
+        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"train.lr_schedule must be cosine, wsd or constant, found {self.lr_schedule!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.dtype must be auto, bf16 or fp32, found {self.dtype!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"train.nan_policy must be stop or skip, found {self.nan_policy!r}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Initialisation, saving and resuming."""
+
+    init_from: Optional[str] = None
+    """A converted or adapted checkpoint to start from (None: random weights from ``model``)."""
+    save_dir: str = "runs/default"
+    """Checkpoints, metrics and plots go here; a run resumes from its latest checkpoint."""
+    save_interval: int = 0
+    """Steps between checkpoints (0: only at the end and on a signal)."""
+    keep: int = 2
+    """Checkpoints kept (the newest ones)."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything ``tools/train.py`` needs."""
+
+    model: Optional[ModelConfig] = None
+    recipe: Any = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        from .training.recipes import RecipeConfig
+
+        if self.recipe is None:
+            self.recipe = RecipeConfig()
+
+    # -- YAML ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        from .training.recipes import RecipeConfig
+
+        sections = {"model": ModelConfig, "recipe": RecipeConfig, "data": DataConfig,
+                    "train": TrainConfig, "checkpoint": CheckpointConfig}
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sections)}")
+        built = {}
+        for name, klass in sections.items():
+            value = data.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: section {name!r} must be a mapping")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(value) - known)
+            if bad:
+                raise ValueError(
+                    f"{source}: unknown key(s) in {name!r}: {', '.join(bad)} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+            try:
+                built[name] = klass(**value)
+            except TypeError as exc:
+                raise ValueError(f"{source}: section {name!r}: {exc}") from None
+        return cls(**built)
+
+    @classmethod
+    def load(cls, path: str, overrides: Optional[list] = None) -> "RunConfig":
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        apply_overrides(data, overrides or [])
+        return cls.from_dict(data, source=path)
+
+    def save(self, path: str) -> None:
+        import yaml
+
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+
+def apply_overrides(data: dict, overrides: list) -> None:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars/lists) in place."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        section, field = key.split(".", 1)
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][field] = yaml.safe_load(raw)
