@@ -10,6 +10,14 @@ import torch.distributed as dist
 from . import compat
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def initialize_parallel(
     tp: int = 1,
     pp: int = 1,
@@ -36,8 +44,13 @@ def initialize_parallel(
         )
     if not dist.is_initialized():
         if init_method is None and "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", "29500")
+            if world_size != 1:
+                raise ValueError(
+                    "WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun (or set the env:// variables)"
+                )
+            # a lone process: any free local port (the environment is left alone, so that
+            # processes this one starts do not inherit the address)
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))

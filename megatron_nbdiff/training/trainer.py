@@ -57,15 +57,38 @@ class _TokenizerInfo:
 
 
 def _check_prefix(prefix: str) -> None:
-    for suffix in (".bin", ".idx"):
-        if not os.path.isfile(prefix + suffix):
-            raise TrainingError(f"data prefix {prefix!r}: missing {prefix + suffix}")
-    try:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """Validate an indexed dataset's files (header, counts, sizes) with clear messages, before
+    megatron-core opens them (its reader fails with bare assertions)."""
+    import struct
 
-        IndexedDataset(prefix)
-    except Exception as exc:  # noqa: BLE001 - megatron raises assertion/struct errors
-        raise TrainingError(f"data prefix {prefix!r}: unreadable indexed dataset ({exc})") from None
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (bin_, idx):
+        if not os.path.isfile(path):
+            raise TrainingError(f"data prefix {prefix!r}: missing {path}")
+    with open(idx, "rb") as f:
+        head = f.read(34)
+        if len(head) < 34 or head[:9] != _INDEX_HEADER:
+            raise TrainingError(f"data prefix {prefix!r}: unreadable indexed dataset ({idx} has no megatron index header)")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:34])
+        if version != 1:
+            raise TrainingError(f"data prefix {prefix!r}: unreadable indexed dataset (index version {version}, expected 1)")
+        try:
+            itemsize = DType.size(DType.dtype_from_code(code))
+        except Exception:  # noqa: BLE001 - megatron raises ValueError/KeyError for bad codes
+            raise TrainingError(f"data prefix {prefix!r}: unreadable indexed dataset (dtype code {code})") from None
+        lengths = np.frombuffer(f.read(4 * n_seq), dtype=np.int32)
+    need = 34 + n_seq * 4 + n_seq * 8 + n_doc * 8
+    if len(lengths) != n_seq or os.path.getsize(idx) < need:
+        raise TrainingError(f"data prefix {prefix!r}: unreadable indexed dataset ({idx} is truncated)")
+    expected = int(lengths.astype(np.int64).sum()) * itemsize
+    if os.path.getsize(bin_) != expected:
+        raise TrainingError(
+            f"data prefix {prefix!r}: unreadable indexed dataset ({bin_} has {os.path.getsize(bin_)} "
+            f"bytes, the index expects {expected})"
+        )
 
 
 def build_datasets(cfg: RunConfig, eod: int, vocab_size: int, cache_dir: str):
@@ -335,7 +358,7 @@ class Trainer:
                 )
             with compat.cpu_device_mode():
                 loaded = dist_checkpointing.load(self._sharded_state(loading=True), latest)
-            self.inner.load_state_dict(loaded["model"])
+            self.inner.gpt.load_state_dict(loaded["model"])
             self.optimizer.load_state_dict(loaded["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self._log(f"resumed from {latest} at step {state['step']}")

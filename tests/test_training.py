@@ -1,0 +1,194 @@
+"""The training loop on one process: every recipe learns, resume is exact, B=1 is AR, signals
+save a loadable checkpoint, bad inputs fail before any work."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_nbdiff.config import RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train.py")
+WORDS = "the cat dog sat ran on mat park and watched a blue red big small tree house".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny tokenizer and indexed dataset of short pseudo-sentences."""
+    from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from preprocess_data import preprocess
+
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(300)]
+    train_bpe_tokenizer(docs, 200, str(d / "tok"))
+    with open(d / "c.jsonl", "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    preprocess(str(d / "c.jsonl"), str(d / "tok"), str(d / "data" / "c"), quiet=True)
+    return d
+
+
+def make_config(corpus, save_dir, **sections):
+    data = {
+        "model": dict(vocab_size=200, hidden_size=64, num_layers=2, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=128, max_seq_len=64),
+        "recipe": dict(name="nbdiff", mask_token_id=3, block_interval=4, block_max=8),
+        "data": dict(train=[str(corpus / "data" / "c")], tokenizer=str(corpus / "tok"), split="90,10,0"),
+        "train": dict(steps=20, micro_batch_size=2, global_batch_size=4, seq_len=32, lr=3e-3,
+                      warmup_steps=2, min_lr=3e-4),
+        "checkpoint": dict(save_dir=str(save_dir)),
+    }
+    for name, values in sections.items():
+        data[name].update(values)
+    return data
+
+
+def run(data, **kw):
+    from megatron_nbdiff.training.trainer import Trainer
+
+    trainer = Trainer(RunConfig.from_dict(data), quiet=True, **kw)
+    code = trainer.run()
+    return code, trainer
+
+
+def losses(save_dir):
+    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "eval_loss" not in r}
+
+
+@pytest.mark.parametrize("recipe,extra", [
+    ("ar", {}),
+    ("nbdiff", {}),
+    ("transplant", {"block_size": 8}),
+    ("block_causal", {}),
+    ("diffullama", {"anneal_steps": 10}),
+])
+def test_each_recipe_lowers_the_loss(corpus, tmp_path, recipe, extra):
+    # fixed block size for the dual recipes: with the curriculum the loss rises when B grows
+    fixed = {"block_size": 4} if recipe in ("nbdiff", "block_causal") else {}
+    data = make_config(corpus, tmp_path, recipe=dict(name=recipe, **fixed, **extra),
+                       train=dict(steps=30, lr=5e-3))
+    code, _ = run(data)
+    assert code == 0
+    rec = losses(tmp_path)
+    first = sum(rec[s]["loss"] for s in range(3)) / 3
+    last = sum(rec[s]["loss"] for s in range(27, 30)) / 3
+    assert last < 0.8 * first, (recipe, first, last)
+    assert os.path.isfile(tmp_path / "loss.png") and os.path.isfile(tmp_path / "block_size.png")
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    full = make_config(corpus, tmp_path / "full", checkpoint=dict(save_dir=str(tmp_path / "full")))
+    assert run(full)[0] == 0
+    part = make_config(corpus, tmp_path / "part", checkpoint=dict(save_dir=str(tmp_path / "part"), save_interval=10))
+    code, _ = run(part, stop_after=12)  # "killed" after step 11: its last checkpoint is step 10
+    assert code == 0
+    code, trainer = run(part)  # resumes at 10
+    assert code == 0 and trainer.start_step == 10
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(a) == list(range(20))
+    for step in range(20):
+        assert a[step]["loss"] == b[step]["loss"], step
+        assert a[step]["block_size"] == b[step]["block_size"]
+    # the curriculum reached 1, 2, 4, 8 at the configured steps
+    assert [a[s]["block_size"] for s in (0, 4, 8, 12, 19)] == [1, 2, 4, 8, 8]
+
+
+def test_block_size_one_step_equals_ar_step(corpus, tmp_path):
+    from megatron.core import dist_checkpointing  # noqa: F401
+
+    nb = make_config(corpus, tmp_path / "nb", recipe=dict(block_size=1, ar_weight=1.0),
+                     train=dict(steps=3), checkpoint=dict(save_dir=str(tmp_path / "nb")))
+    ar = make_config(corpus, tmp_path / "ar", recipe=dict(name="ar"), train=dict(steps=3),
+                     checkpoint=dict(save_dir=str(tmp_path / "ar")))
+    _, t_nb = run(nb)
+    _, t_ar = run(ar)
+    for s in range(3):
+        assert losses(tmp_path / "nb")[s]["loss"] == losses(tmp_path / "ar")[s]["loss"]
+    for (n1, p1), (n2, p2) in zip(t_nb.inner.named_parameters(), t_ar.inner.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    # with the default lambda = 0.5 the step-0 loss is half the AR loss
+    half = make_config(corpus, tmp_path / "half", recipe=dict(block_size=1), train=dict(steps=1),
+                       checkpoint=dict(save_dir=str(tmp_path / "half")))
+    run(half)
+    assert abs(losses(tmp_path / "half")[0]["loss"] - 0.5 * losses(tmp_path / "ar")[0]["loss"]) < 1e-6
+
+
+def test_sigterm_saves_a_loadable_checkpoint(corpus, tmp_path):
+    import yaml
+
+    data = make_config(corpus, tmp_path, train=dict(steps=100000))
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, TRAIN, "--config", str(cfg_path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-2000:]
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] >= 3
+    # loadable: a new run resumes from it
+    data["train"]["steps"] = state["step"] + 1
+    code, trainer = run(data)
+    assert code == 0 and trainer.start_step == state["step"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(data=dict(train=["/nonexistent/prefix"])), "missing /nonexistent/prefix.bin"),
+    (dict(recipe=dict(name="magic")), "unknown recipe 'magic'"),
+    (dict(train=dict(stepz=3)), "unknown key(s) in 'train': stepz"),
+    (dict(recipe=dict(mask_token_id=500)), "mask token id 500 is outside the vocabulary"),
+    (dict(train=dict(seq_len=30)), "seq_len 30 is not divisible by block size 4"),
+])
+def test_bad_inputs_fail_before_work(corpus, tmp_path, change, message):
+    from megatron_nbdiff.training.trainer import TrainingError
+
+    data = make_config(corpus, tmp_path)
+    for section, values in change.items():
+        data[section].update(values)
+    with pytest.raises((TrainingError, ValueError)) as info:
+        run(data)
+    assert message in str(info.value)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_corrupt_data_prefix_and_cli_errors(corpus, tmp_path):
+    import yaml
+
+    bad = tmp_path / "bad"
+    (tmp_path / "bad.bin").write_bytes(b"\x00" * 10)
+    (tmp_path / "bad.idx").write_bytes(b"not an index")
+    data = make_config(corpus, tmp_path / "run", data=dict(train=[str(bad)]))
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, TRAIN, "--config", str(cfg_path), "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unreadable indexed dataset" in r.stderr and "Traceback" not in r.stderr
+    # a truncated .bin beside a good index
+    from megatron_nbdiff.training.trainer import TrainingError, _check_prefix
+
+    import shutil
+
+    shutil.copy(corpus / "data" / "c.idx", tmp_path / "trunc.idx")
+    (tmp_path / "trunc.bin").write_bytes((corpus / "data" / "c.bin").read_bytes()[:-7])
+    with pytest.raises(TrainingError, match="trunc.bin has .* bytes, the index expects"):
+        _check_prefix(str(tmp_path / "trunc"))
+    r = subprocess.run([sys.executable, TRAIN, "--config", str(cfg_path), "train.nosuch=1", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key(s) in 'train': nosuch" in r.stderr
