@@ -1,0 +1,225 @@
+"""Conversion speed and memory on a synthetic multi-GB Llama-shaped checkpoint.
+
+Writes random bf16 weights of a Llama-shaped model shard by shard with ``safetensors`` (no
+transformers model is ever built), then runs ``tools/convert_hf_to_megatron.py`` (and the export
+back, ``tools/convert_megatron_to_hf.py``) as subprocesses, polling their resident memory with
+psutil (the process and its children: megatron's checkpoint writer forks helpers) and reading
+``ru_maxrss`` of the children afterwards. Reports wall time, MB/s of checkpoint and peak RSS
+divided by the checkpoint size (target <= 1.3), median over ``--runs``.
+
+    python benchmarks/convert.py --workdir /tmp/nbdiff-bench --runs 3 [--keep]
+
+The source files are in the page cache when the conversion reads them (they were just written),
+so the times are warm-cache times; the workdir is deleted at the end unless ``--keep``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def llama_config(args) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": args.ffn,
+        "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads, "head_dim": args.hidden // args.heads,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def tensor_specs(cfg: dict):
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    yield "model.embed_tokens.weight", (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", (h,)
+        yield p + "self_attn.q_proj.weight", (q, h)
+        yield p + "self_attn.k_proj.weight", (kv, h)
+        yield p + "self_attn.v_proj.weight", (kv, h)
+        yield p + "self_attn.o_proj.weight", (h, q)
+        yield p + "post_attention_layernorm.weight", (h,)
+        yield p + "mlp.gate_proj.weight", (f, h)
+        yield p + "mlp.up_proj.weight", (f, h)
+        yield p + "mlp.down_proj.weight", (h, f)
+    yield "model.norm.weight", (h,)
+    yield "lm_head.weight", (v, h)
+
+
+def write_synthetic(directory: str, cfg: dict, shard_bytes: int) -> int:
+    """Random bf16 weights, one shard at a time (never more than one shard in memory)."""
+    os.makedirs(directory)
+    g = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    weight_map = {}
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, os.path.join(directory, name), metadata={"format": "pt"})
+            shards.append(name)
+            for k in current:
+                weight_map[k] = name
+            current, size = {}, 0
+
+    total = 0
+    for name, shape in tensor_specs(cfg):
+        t = torch.empty(shape, dtype=torch.bfloat16)
+        if len(shape) == 1:
+            t.fill_(1.0)
+        else:
+            t.normal_(0, 0.02, generator=g)
+        nbytes = t.numel() * 2
+        if size and size + nbytes > shard_bytes:
+            flush()
+        current[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    n = len(shards)
+    renamed = {}
+    for i, old in enumerate(shards):
+        new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.rename(os.path.join(directory, old), os.path.join(directory, new))
+        renamed[old] = new
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total},
+                   "weight_map": {k: renamed[v] for k, v in weight_map.items()}}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return sum(os.path.getsize(os.path.join(directory, s)) for s in renamed.values())
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size (shared pages split between the processes sharing them)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], poll_s: float = 0.05) -> dict:
+    """Run ``cmd``; peak RSS of the process itself, and peak PSS summed over the process tree
+    (megatron's checkpoint writer forks helpers that share the parent's pages; PSS counts each
+    physical page once), sampled every ``poll_s``; plus ru_maxrss."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak_main = peak_tree = 0
+    while proc.poll() is None:
+        try:
+            main = ps.memory_info().rss
+            tree = _pss(proc.pid) + sum(_pss(c.pid) for c in ps.children(recursive=True))
+            peak_main, peak_tree = max(peak_main, main), max(peak_tree, tree)
+        except psutil.Error:
+            pass
+        time.sleep(poll_s)
+    out, err = proc.communicate()
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"seconds": seconds, "peak_rss": peak_main, "peak_tree_pss": peak_tree,
+            "ru_maxrss": maxrss if maxrss > before * 1024 else None,
+            "summary": out.strip().splitlines()[-1] if out.strip() else ""}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/nbdiff-convert-bench")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--shard-gb", type=float, default=1.0)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--no-export", action="store_true", help="skip the megatron -> HF direction")
+    p.add_argument("--keep", action="store_true", help="keep the workdir")
+    args = p.parse_args(argv)
+
+    if os.path.exists(args.workdir):
+        raise SystemExit(f"{args.workdir} exists; remove it or choose another --workdir")
+    cfg = llama_config(args)
+    hf_dir = os.path.join(args.workdir, "hf")
+    try:
+        t = time.time()
+        size = write_synthetic(hf_dir, cfg, int(args.shard_gb * 1024 ** 3))
+        os.sync()  # no write-back of the synthetic files competing with the measured runs
+        print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(os.listdir(hf_dir)) - 2} shards "
+              f"({time.time() - t:.0f} s to write)", flush=True)
+        rows = {"hf->megatron": [], "megatron->hf": []}
+        for r in range(args.runs):
+            mg = os.path.join(args.workdir, f"mg{r}")
+            cmd = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out-dir", mg,
+                   "--tp", str(args.tp), "--dtype", "bf16", "--mask-token", "append", "--no-progress"]
+            rows["hf->megatron"].append(run_measured(cmd))
+            print(f"run {r}: {rows['hf->megatron'][-1]}", flush=True)
+            if not args.no_export:
+                out = os.path.join(args.workdir, f"out{r}")
+                cmd = [sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", mg,
+                       "--out-dir", out, "--no-progress"]
+                rows["megatron->hf"].append(run_measured(cmd))
+                print(f"run {r}: {rows['megatron->hf'][-1]}", flush=True)
+                shutil.rmtree(out)
+            if r < args.runs - 1:
+                shutil.rmtree(mg)
+            os.sync()
+        mg_size = dir_bytes(os.path.join(args.workdir, f"mg{args.runs - 1}"))
+        print()
+        print(f"device: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+              f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
+              f"{datetime.date.today().isoformat()}; median of {args.runs} run(s); warm page cache")
+        print(f"checkpoint: Llama-shaped, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
+              f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, bf16: HF {size / 1e9:.2f} GB, "
+              f"megatron torch_dist {mg_size / 1e9:.2f} GB")
+        print(f"| direction | time (s) | MB/s | peak RSS (GB) | peak RSS / size | tree PSS / size |")
+        print(f"|---|---|---|---|---|---|")
+        for name, runs in rows.items():
+            if not runs:
+                continue
+            sec = statistics.median(x["seconds"] for x in runs)
+            rss = statistics.median(x["peak_rss"] for x in runs)
+            tree = statistics.median(x["peak_tree_pss"] for x in runs)
+            print(f"| {name} | {sec:.1f} | {size / 1e6 / sec:.0f} | {rss / 1e9:.2f} | "
+                  f"{rss / size:.2f} | {tree / size:.2f} |")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The Hugging Face architecture families this project converts, and their configs.
+
+A family is a small record of how an HF decoder differs from the plain Llama shape (bias on the
+QKV projection, per-head q/k RMSNorm). :func:`parse_hf_config` reads an HF ``config.json`` into
+the family and a :class:`~megatron_nbdiff.config.ModelConfig`, refusing what the megatron model
+cannot represent exactly (other activations, output-projection or MLP biases, scaled RoPE).
+:func:`hf_config_for_export` goes the other way for exported checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+from ..config import ModelConfig
+from .errors import ConversionError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One HF architecture family."""
+
+    name: str
+    """Family name recorded in ``nbdiff.json`` (``llama``, ``qwen2``, ``qwen3``, ``mistral``)."""
+    model_type: str
+    """``model_type`` in the HF ``config.json``."""
+    architecture: str
+    """The HF causal-LM class (``LlamaForCausalLM``)."""
+    qkv_bias: bool = False
+    """q/k/v projections always carry a bias (Qwen2)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
+    bias_flags: tuple[str, ...] = ()
+    """Config flags that add biases the megatron model has no place for; they must be false."""
+
+    def config_class(self):
+        import transformers
+
+        return getattr(transformers, self.architecture.replace("ForCausalLM", "Config"))
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", "llama", "LlamaForCausalLM", bias_flags=("attention_bias", "mlp_bias")),
+        Family("qwen2", "qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+        Family("qwen3", "qwen3", "Qwen3ForCausalLM", qk_norm=True, bias_flags=("attention_bias",)),
+        Family("mistral", "mistral", "MistralForCausalLM"),
+    )
+}
+_BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConversionError(
+            f"unknown architecture family {name!r}; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[name]
+
+
+@dataclasses.dataclass
+class HFModelInfo:
+    """What conversion learns from an HF config."""
+
+    family: Family
+    model_config: ModelConfig
+    """The architecture with the HF vocabulary (no mask token yet)."""
+    raw_config: dict[str, Any]
+    """``config.json`` as written, kept for export."""
+    dtype: Optional[str]
+    """The checkpoint's declared dtype as ``fp32``/``bf16``/``fp16``, if it declares one."""
+    notes: list[str]
+    """Facts worth recording in ``nbdiff.json`` (for example an ignored sliding window)."""
+
+
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def read_config_json(hf_dir: str) -> dict[str, Any]:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    return raw
+
+
+def family_of(raw: dict[str, Any]) -> Family:
+    model_type = raw.get("model_type")
+    archs = raw.get("architectures") or []
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise ConversionError(
+            f"unknown architecture: model_type={model_type!r}, architectures={archs}; supported "
+            f"model types: {', '.join(sorted(_BY_MODEL_TYPE))}"
+        )
+    if archs and archs[0] != family.architecture:
+        raise ConversionError(
+            f"unsupported architecture {archs[0]!r} for model_type {model_type!r}: only "
+            f"{family.architecture} (a decoder-only causal LM) is converted"
+        )
+    return family
+
+
+def parse_hf_config(hf_dir: str, max_seq_len: Optional[int] = None,
+                    make_vocab_size_divisible_by: int = 128) -> HFModelInfo:
+    """Read ``hf_dir/config.json`` into a family and a :class:`ModelConfig`."""
+    raw = read_config_json(hf_dir)
+    family = family_of(raw)
+    try:
+        cfg = family.config_class().from_dict(dict(raw))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad config
+        raise ConversionError(f"invalid {family.architecture} config in {hf_dir}: {e}") from None
+
+    def need(name):
+        value = getattr(cfg, name, None)
+        if value is None:
+            raise ConversionError(f"config.json lacks {name!r}, needed for a {family.name} model")
+        return value
+
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"hidden_act={act!r} is not supported (the megatron model uses SwiGLU with silu)")
+    for flag in family.bias_flags:
+        if getattr(cfg, flag, False):
+            raise ConversionError(
+                f"{flag}=true is not supported: the megatron model has no bias on the output "
+                "projection or the MLP"
+            )
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope and isinstance(rope["full_attention"], dict):
+        rope = rope["full_attention"]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ConversionError(
+            f"RoPE scaling {rope_type!r} is not supported; only plain RoPE (rope_type 'default') "
+            "converts exactly"
+        )
+    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if rope_theta is None:
+        raise ConversionError("config.json gives no rope_theta")
+    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ConversionError(f"partial_rotary_factor={partial} is not supported")
+
+    heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    groups = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    tie = bool(getattr(cfg, "tie_word_embeddings", False))
+    notes: list[str] = []
+    seq = max_seq_len or int(getattr(cfg, "max_position_embeddings", None) or 4096)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    uses_window = window is not None and (
+        family.name == "mistral" or "sliding_attention" in layer_types
+    )
+    if uses_window and window < seq:
+        notes.append(
+            f"the HF model uses a sliding attention window of {window} tokens; the megatron model "
+            f"attends over the whole context, so outputs agree for sequences up to {window} tokens"
+        )
+    try:
+        mc = ModelConfig(
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            num_layers=need("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_query_groups=groups,
+            ffn_hidden_size=need("intermediate_size"),
+            kv_channels=head_dim,
+            max_seq_len=seq,
+            rope_base=float(rope_theta),
+            norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+            qk_layernorm=family.qk_norm,
+            add_qkv_bias=family.qkv_bias,
+            tie_embeddings=tie,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        )
+    except ValueError as e:
+        raise ConversionError(f"config.json describes an unsupported shape: {e}") from None
+    declared = raw.get("dtype", raw.get("torch_dtype"))
+    return HFModelInfo(family, mc, raw, _HF_DTYPES.get(str(declared)), notes)
+
+
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def hf_config_for_export(family: Family, mc: ModelConfig, dtype: str,
+                         stored: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """``config.json`` for an exported checkpoint: the stored original with the vocabulary and
+    dtype brought up to date, or (without one) a fresh config of the family's class."""
+    if stored:
+        out = dict(stored)
+    else:
+        cls = family.config_class()
+        out = cls(
+            vocab_size=mc.vocab_size,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.ffn_hidden_size,
+            num_hidden_layers=mc.num_layers,
+            num_attention_heads=mc.num_attention_heads,
+            num_key_value_heads=mc.num_query_groups,
+            head_dim=mc.kv_channels,
+            max_position_embeddings=mc.max_seq_len,
+            rms_norm_eps=mc.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": mc.rope_base},
+            tie_word_embeddings=mc.tie_embeddings,
+        ).to_dict()
+    out["architectures"] = [family.architecture]
+    out["model_type"] = family.model_type
+    out["vocab_size"] = mc.vocab_size
+    out["tie_word_embeddings"] = mc.tie_embeddings
+    out["dtype"] = _TORCH_DTYPE_NAMES[dtype]
+    if "torch_dtype" in out:
+        out["torch_dtype"] = _TORCH_DTYPE_NAMES[dtype]
+    return out

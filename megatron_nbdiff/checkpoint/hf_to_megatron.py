@@ -1,0 +1,271 @@
+"""Hugging Face safetensors checkpoint -> megatron-core distributed checkpoint + ``nbdiff.json``.
+
+Conversion runs on one process. It checks everything it can before writing (config, every
+shard's header, every tensor's presence and shape, the mask token, the parallel layout), builds
+the project's model at TP=1/PP=1 in the target dtype without initialising it, reads each HF
+tensor straight into its megatron parameter (rows of q/k/v into their interleaved places, gate
+and up into the two halves of fc1, the vocabulary rows into the padded embedding), and saves the
+model's own sharded state dict with ``megatron.core.dist_checkpointing`` (``torch_dist``).
+torch_dist stores global tensors, so the checkpoint loads at any TP/PP (megatron reshards on
+load); ``--tp/--pp`` are validated, set the vocabulary padding, and are recorded as the target.
+Peak memory is one copy of the model plus one tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+from typing import Optional
+
+import torch
+
+from .errors import ConversionError
+from .families import HFModelInfo, parse_hf_config
+from .fsutil import AtomicOutputDir, check_output_dir
+from .mapping import ParamMap, hf_shapes, param_maps, qkv_blocks, units
+from .metadata import WEIGHTS_DIR, CheckpointMetadata, write_metadata
+from .safetensors_io import SafetensorsCheckpoint
+from .tokenizer import DEFAULT_MASK_STRING, MaskPlan, load_tokenizer, resolve_mask, write_tokenizer
+
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_DTYPE_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TORCH_DTYPE = {v: k for k, v in _DTYPE_OF.items()}
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    out_dir: str
+    parameters: int
+    dtype: str
+    seconds: float
+    metadata: CheckpointMetadata
+    summary: str
+
+
+def check_layout(mc, tp: int, pp: int) -> None:
+    if not isinstance(tp, int) or tp < 1 or not isinstance(pp, int) or pp < 1:
+        raise ConversionError(f"--tp and --pp must be positive integers, found {tp} and {pp}")
+    if mc.num_attention_heads % tp:
+        raise ConversionError(
+            f"--tp {tp} does not divide the {mc.num_attention_heads} attention heads"
+        )
+    if mc.num_query_groups % tp:
+        raise ConversionError(
+            f"--tp {tp} does not divide the {mc.num_query_groups} query groups (key/value heads)"
+        )
+    if mc.num_layers % pp:
+        raise ConversionError(f"--pp {pp} does not divide the {mc.num_layers} layers")
+
+
+def _expected_tensors(info: HFModelInfo, maps: list[ParamMap]) -> dict[str, tuple[int, ...]]:
+    mc = info.model_config
+    out: dict[str, tuple[int, ...]] = {}
+    for pm in maps:
+        layers = range(mc.num_layers) if pm.per_layer else [None]
+        for layer in layers:
+            for name, shape in zip(pm.hf_names(layer), hf_shapes(pm, mc, mc.vocab_size)):
+                out[name] = shape
+    return out
+
+
+def _check_tensors(ckpt: SafetensorsCheckpoint, info: HFModelInfo, maps: list[ParamMap],
+                   notes: list[str]) -> int:
+    """Every expected tensor present with the config's shape; nothing unexplained left over.
+    Returns the parameter count."""
+    expected = _expected_tensors(info, maps)
+    fam = info.family.name
+    for name, shape in expected.items():
+        if name not in ckpt:
+            raise ConversionError(
+                f"tensor {name!r} is missing from {ckpt.dir} (a {fam} model with this config.json "
+                "needs it)"
+            )
+        got = ckpt.entries[name].shape
+        if tuple(got) != tuple(shape):
+            raise ConversionError(
+                f"shape mismatch: tensor {name!r} is {list(got)} but config.json implies {list(shape)}"
+            )
+    extra = sorted(n for n in ckpt.entries if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+    if info.model_config.tie_embeddings and "lm_head.weight" in extra:
+        extra.remove("lm_head.weight")
+        notes.append("tie_word_embeddings is true: lm_head.weight in the checkpoint was ignored")
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise ConversionError(
+            f"unexpected tensor {extra[0]!r}{more} in {ckpt.dir}: not part of a {fam} model with "
+            "this config.json"
+        )
+    n = 0
+    for shape in expected.values():
+        k = 1
+        for s in shape:
+            k *= s
+        n += k
+    return n
+
+
+def _mean_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    acc = torch.zeros(t.shape[1], dtype=torch.float64)
+    step = 4096
+    for lo in range(0, rows, step):
+        acc += t[lo: min(rows, lo + step)].to(torch.float64).sum(0)
+    return (acc / rows).to(t.dtype)
+
+
+def _fill(pm: ParamMap, layer, dest: torch.Tensor, ckpt: SafetensorsCheckpoint, mc, hf_rows: int,
+          mask: Optional[MaskPlan]) -> None:
+    names = pm.hf_names(layer)
+    if pm.kind == "copy":
+        ckpt.read_rows_into(names[0], dest)
+    elif pm.kind == "qkv":
+        for source, src_row, dst_row, rows in qkv_blocks(mc):
+            ckpt.read_rows_into(names[source], dest[dst_row: dst_row + rows], src_row, src_row + rows)
+    elif pm.kind == "fc1":
+        f = mc.ffn_hidden_size
+        ckpt.read_rows_into(names[0], dest[:f])
+        ckpt.read_rows_into(names[1], dest[f:])
+    elif pm.kind == "vocab":
+        ckpt.read_rows_into(names[0], dest[:hf_rows])
+        dest[hf_rows:].zero_()
+        if mask is not None and mask.init_rows is not None:
+            dest[mask.id] = _mean_rows(dest, mask.init_rows)
+    else:  # pragma: no cover - the table has no other kinds
+        raise AssertionError(pm.kind)
+
+
+def _plain_fc1(sharded_state_dict: dict, num_layers: int) -> dict:
+    """At TP=1 the GLU fc1 factory only splits the tensor into two views (which the writer would
+    then clone); store the same global ``[gate ; up]`` tensor as one chunk instead."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for name, value in sharded_state_dict.items():
+        if isinstance(value, ShardedTensorFactory):
+            layer = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
+            value = ShardedTensor.from_rank_offsets(
+                value.key, value.data, (0, layer, num_layers), replica_id=value.replica_id,
+                prepend_axis_num=1,
+            )
+        out[name] = value
+    return out
+
+
+def convert_hf_to_megatron(
+    hf_dir: str,
+    out_dir: str,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    mask_token: str = "append",
+    mask_token_string: str = DEFAULT_MASK_STRING,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    max_seq_len: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 128,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert ``hf_dir`` into ``out_dir`` (see module docstring). Raises ConversionError."""
+    from tqdm import tqdm
+
+    start = time.time()
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"{hf_dir} is not a directory")
+    check_output_dir(out_dir, force, (hf_dir,))
+    if dtype is not None and dtype not in _TORCH_DTYPE:
+        raise ConversionError(f"--dtype must be one of {sorted(_TORCH_DTYPE)}, found {dtype!r}")
+    info = parse_hf_config(hf_dir, max_seq_len, make_vocab_size_divisible_by)
+    mc0 = info.model_config
+    check_layout(mc0, tp, pp)
+    notes = list(info.notes)
+    maps = param_maps(info.family, mc0)
+    with SafetensorsCheckpoint(hf_dir) as ckpt:
+        n_params = _check_tensors(ckpt, info, maps, notes)
+        dtype = dtype or info.dtype or _DTYPE_OF.get(ckpt.entries["model.embed_tokens.weight"].dtype, "bf16")
+        tokenizer = load_tokenizer(hf_dir)
+        if tokenizer is None:
+            notes.append("the source checkpoint has no tokenizer files; none were written")
+        hf_rows = mc0.vocab_size
+        mask = resolve_mask(mask_token, tokenizer, hf_rows, mask_token_string, notes)
+        vocab = hf_rows + (1 if mask is not None and mask.new_row else 0)
+        mc = dataclasses.replace(mc0, vocab_size=vocab)
+        if mask is not None and mask.new_row:
+            n_params += mc.hidden_size * (1 if mc.tie_embeddings else 2)
+        with AtomicOutputDir(out_dir, force, (hf_dir,)) as tmp:
+            phases = _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask,
+                                    os.path.join(tmp, WEIGHTS_DIR), progress, tqdm)
+            files = write_tokenizer(hf_dir, tmp, tokenizer, mask)
+            meta = CheckpointMetadata(
+                kind="megatron",
+                family=info.family.name,
+                hf_architecture=info.family.architecture,
+                model_config=mc.to_dict(),
+                vocab={"real": vocab, "padded": mc.padded_vocab_size(tp),
+                       "stored": mc.padded_vocab_size(tp), "hf": hf_rows,
+                       "tokenizer": len(tokenizer) if tokenizer is not None else None},
+                mask_token=mask.as_json() if mask is not None else None,
+                dtype=dtype,
+                weights={"format": "torch_dist", "path": WEIGHTS_DIR, "key_prefix": ""},
+                parallel={"target_tp": tp, "target_pp": pp, "written_tp": 1, "written_pp": 1,
+                          "reshardable": True},
+                tokenizer={"files": files,
+                           "note": None if files else "no tokenizer files in the source checkpoint"},
+                block_size=1,
+                attention_layout="causal",
+                recipe="none",
+                step=0,
+                hf_config=info.raw_config,
+                source={"path": os.path.abspath(hf_dir), "tool": "tools/convert_hf_to_megatron.py",
+                        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                notes=notes,
+            )
+            write_metadata(tmp, meta)
+    seconds = time.time() - start
+    mask_txt = (f", mask token id {mask.id} ({mask.method})" if mask is not None else ", no mask token")
+    summary = (
+        f"converted {hf_dir} -> {out_dir}: {n_params:,} parameters, {dtype}, {info.family.architecture}, "
+        f"target layout TP={tp} PP={pp} (torch_dist, reshardable), vocab {vocab} padded to "
+        f"{mc.padded_vocab_size(tp)}{mask_txt}, {seconds:.1f} s (read {phases['read']:.1f} s, "
+        f"write {phases['write']:.1f} s)"
+    )
+    return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, meta, summary)
+
+
+def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progress, tqdm) -> None:
+    from megatron.core import dist_checkpointing
+
+    from ..models import NBDiffModel
+    from ._runtime import quiet_megatron_logs, single_process_group
+
+    quiet_megatron_logs()
+    # the vocabulary padded for the target TP, so the stored rows are what a run at --tp has
+    build_mc = dataclasses.replace(
+        mc, make_vocab_size_divisible_by=mc.make_vocab_size_divisible_by * tp
+    )
+    phases = {}
+    with single_process_group(), torch.no_grad():
+        t0 = time.time()
+        tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype, perform_initialization=False)
+        model = NBDiffModel(build_mc, tc)
+        params = dict(model.gpt.named_parameters())
+        filled: set[str] = set()
+        bar = tqdm(units(maps, mc.num_layers), desc="reading HF tensors", unit="unit",
+                   disable=not progress)
+        for layer, unit in bar:
+            for pm in unit:
+                name = pm.megatron_name(layer)
+                _fill(pm, layer, params[name].data, ckpt, mc, hf_rows, mask)
+                filled.add(name)
+        unfilled = sorted(set(params) - filled)
+        if unfilled:  # the table and the model disagree: a bug, not bad input
+            raise RuntimeError(f"parameters not covered by the HF mapping: {unfilled}")
+        phases["read"] = time.time() - t0
+        t0 = time.time()
+        os.makedirs(weights_dir)
+        sharded = _plain_fc1(model.sharded_state_dict(), mc.num_layers)
+        if progress:
+            print("writing torch_dist checkpoint ...", flush=True)
+        dist_checkpointing.save(sharded, weights_dir)
+        phases["write"] = time.time() - t0
+        del sharded, params, model
+    return phases

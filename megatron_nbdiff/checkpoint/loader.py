@@ -1,0 +1,95 @@
+"""Build the project's model from a converted or adapted checkpoint at the current layout."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from .errors import CheckpointMetadataError, ConversionError
+from .metadata import CheckpointMetadata, read_metadata
+
+
+def weights_dir(directory: str, meta: CheckpointMetadata) -> str:
+    path = os.path.join(directory, meta.weights.get("path", "model"))
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointMetadataError(
+            f"{directory}: nbdiff.json points at weights in {path}, which is not a megatron-core "
+            "distributed checkpoint (no metadata.json)"
+        )
+    return path
+
+
+def load_model(
+    directory: str,
+    *,
+    tp: Optional[int] = None,
+    pp: Optional[int] = None,
+    dtype: Optional[str] = None,
+    parallel_output: bool = False,
+    use_te: bool = False,
+    strict: bool = True,
+    **config_overrides: Any,
+):
+    """An :class:`~megatron_nbdiff.models.NBDiffModel` holding the weights of ``directory``.
+
+    The model is built for the current parallel layout (this rank's TP shard and pipeline stage)
+    and filled through ``dist_checkpointing.load`` of its own sharded state dict, so a checkpoint
+    written at any TP/PP loads at any other. Without an initialised model-parallel state it
+    initialises one at ``tp``/``pp`` (default 1/1; a single process or a torchrun launch); with
+    one, ``tp``/``pp`` (if given) must match it. ``dtype`` defaults to the stored dtype.
+    ``config_overrides`` replace :class:`ModelConfig` fields that do not change the weights
+    (``attention_backend``, ``max_seq_len``).
+
+    The metadata is available as ``model.checkpoint_metadata``.
+    """
+    import torch
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from ..models import NBDiffModel
+    from ..parallel import initialize_parallel
+    from ._runtime import private_init_method, quiet_megatron_logs
+
+    meta = read_metadata(directory, kind="megatron")
+    path = weights_dir(directory, meta)
+    allowed = {"attention_backend", "max_seq_len"}
+    bad = sorted(set(config_overrides) - allowed)
+    if bad:
+        raise ValueError(f"load_model cannot override {bad}; only {sorted(allowed)}")
+    mc = dataclasses.replace(meta.get_model_config(), **config_overrides)
+    if not parallel_state.model_parallel_is_initialized():
+        init_method = None
+        if not torch.distributed.is_initialized() and "WORLD_SIZE" not in os.environ:
+            init_method = private_init_method()  # one process, no port to collide on
+        initialize_parallel(tp or 1, pp or 1, init_method=init_method)
+    cur_tp = parallel_state.get_tensor_model_parallel_world_size()
+    cur_pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp is not None and tp != cur_tp) or (pp is not None and pp != cur_pp):
+        raise ValueError(
+            f"asked for TP={tp} PP={pp} but the initialised layout is TP={cur_tp} PP={cur_pp}"
+        )
+    if mc.num_attention_heads % cur_tp or mc.num_query_groups % cur_tp:
+        raise ConversionError(
+            f"TP={cur_tp} does not divide {mc.num_attention_heads} heads / {mc.num_query_groups} "
+            "query groups of this checkpoint"
+        )
+    if mc.num_layers % cur_pp:
+        raise ConversionError(f"PP={cur_pp} does not divide the {mc.num_layers} layers")
+    quiet_megatron_logs()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    tc = mc.transformer_config(tp=cur_tp, pp=cur_pp, dtype=dtype or meta.dtype,
+                               perform_initialization=False)
+    with torch.no_grad():
+        model = NBDiffModel(
+            mc, tc, pre_process=stage == 0, post_process=stage == cur_pp - 1,
+            parallel_output=parallel_output, use_te=use_te,
+        )
+    prefix = meta.weights.get("key_prefix", "")
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), path)
+    except Exception as e:  # noqa: BLE001 - megatron/torch raise many kinds for a bad checkpoint
+        raise ConversionError(f"cannot load the weights in {path}: {e}") from None
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    model.gpt.load_state_dict(state, strict=strict)
+    model.checkpoint_metadata = meta
+    return model

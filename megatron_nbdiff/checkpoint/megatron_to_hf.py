@@ -1,0 +1,288 @@
+"""Checkpoint of this project (converted or adapted, any TP/PP) -> plain Hugging Face checkpoint.
+
+The output is the original architecture (``LlamaForCausalLM`` stays ``LlamaForCausalLM``):
+``config.json`` with the vocabulary the model now has (the HF rows plus an appended mask token),
+sharded safetensors with ``model.safetensors.index.json``, the tokenizer and ``nbdiff.json``
+(kind ``hf``). It loads with ``AutoModelForCausalLM.from_pretrained`` and no remote code.
+
+Export streams: it reads the distributed checkpoint one unit at a time (the embedding, one layer,
+the final norm and head) as global tensors through ``dist_checkpointing.load`` of just those
+slices, so it never builds the model; shard files are laid out from the known shapes up front and
+each tensor is written as soon as it is produced. Peak memory is about one layer (or the
+embedding) in the stored dtype plus its HF form.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+
+from .errors import ConversionError
+from .families import get_family, hf_config_for_export
+from .fsutil import AtomicOutputDir, check_output_dir
+from .loader import weights_dir
+from .mapping import ParamMap, hf_shapes, megatron_shape, param_maps, split_fc1, split_qkv, units
+from .metadata import CheckpointMetadata, read_metadata, write_metadata
+from .safetensors_io import INDEX_NAME, ShardWriter
+from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
+
+_TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``64KB`` or a byte count."""
+    s = str(text).strip().upper()
+    for unit, mult in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024), ("B", 1)):
+        if s.endswith(unit):
+            s, factor = s[: -len(unit)], mult
+            break
+    else:
+        factor = 1
+    try:
+        value = int(float(s) * factor)
+    except ValueError:
+        raise ConversionError(f"cannot read size {text!r} (use e.g. 2GB, 500MB)") from None
+    if value <= 0:
+        raise ConversionError(f"size {text!r} must be positive")
+    return value
+
+
+def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int):
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        n = torch.empty((), dtype=spec[1]).element_size()
+        for s in spec[2]:
+            n *= s
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def _stored_tensors(path: str) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        md = FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"cannot read the distributed checkpoint metadata in {path}: {e}") from None
+    return {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")}
+
+
+class _SliceLoadPlanner:
+    """A torch DCP load planner that fills dense tensors with arbitrary slices of stored global
+    tensors: ``requests[key] = (dest, offsets)`` reads ``stored[key][offsets : offsets +
+    dest.shape]`` into ``dest``, from whatever chunks (TP/PP shards) the checkpoint holds.
+
+    megatron's own load path cannot do this on one process: it describes the other fragments of a
+    partially requested tensor as living on rank ``(rank + 1) % world_size``, which on a world of
+    one is this rank again, and torch then rejects the shard metadata. Reading at the DCP level
+    needs no process group either.
+    """
+
+    def __init__(self, requests: dict):
+        self.requests = requests
+        self.metadata = None
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.metadata = metadata
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        items = []
+        for key, (dest, offsets) in self.requests.items():
+            md = self.metadata.state_dict_metadata[key]
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            items += create_read_items_for_chunk_list(key, md, [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value):  # pragma: no cover - only tensors are requested
+        raise AssertionError(f"unexpected bytes item {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item):
+        dest, _ = self.requests[read_item.dest_index.fqn]
+        view = dest
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            if start != 0 or length != dest.shape[dim]:
+                view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+def read_slices(path: str, requests: dict) -> None:
+    """Fill ``requests[key] = (dest, offsets)`` from the torch_dist checkpoint in ``path``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    planner = _SliceLoadPlanner(requests)
+    state = {key: dest for key, (dest, _) in requests.items()}
+    dcp.state_dict_loader._load_state_dict(state, FileSystemReader(path), no_dist=True, planner=planner)
+
+
+def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str) -> dict[str, torch.Tensor]:
+    """Global (TP=1) tensors of one unit, keyed by megatron state-dict name."""
+    requests, out = {}, {}
+    for pm in unit_maps:
+        key = prefix + pm.sharded_key
+        if key not in stored:
+            raise ConversionError(f"the checkpoint in {path} has no tensor {key!r}")
+        md = stored[key]
+        gshape = tuple(md.size)
+        if pm.per_layer:
+            want = (mc.num_layers,) + megatron_shape(pm, mc, 0)
+            offsets = (layer,) + (0,) * (len(gshape) - 1)
+            shape = gshape[1:]
+        else:
+            want = megatron_shape(pm, mc, gshape[0] if pm.kind == "vocab" else 0)
+            if pm.kind == "vocab" and gshape[0] < mc.vocab_size:
+                raise ConversionError(
+                    f"{key} has {gshape[0]} rows, fewer than the {mc.vocab_size}-token vocabulary"
+                )
+            offsets = (0,) * len(gshape)
+            shape = gshape
+        if gshape != want:
+            raise ConversionError(
+                f"{key} is stored as {list(gshape)}, nbdiff.json's model_config implies {list(want)}"
+            )
+        dest = torch.empty(shape, dtype=md.properties.dtype)
+        view = dest.unsqueeze(0) if pm.per_layer else dest
+        requests[key] = (view, offsets)
+        out[pm.megatron_name(layer)] = dest
+    try:
+        read_slices(path, requests)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"cannot read weights from {path}: {e}") from None
+    return out
+
+
+def _to_hf(pm: ParamMap, layer, t: torch.Tensor, mc, dtype) -> list[tuple[str, torch.Tensor]]:
+    names = pm.hf_names(layer)
+    t = t.to(dtype)
+    if pm.kind == "qkv":
+        return list(zip(names, split_qkv(t, mc)))
+    if pm.kind == "fc1":
+        return list(zip(names, split_fc1(t)))
+    if pm.kind == "vocab":
+        return [(names[0], t[: mc.vocab_size].contiguous())]
+    return [(names[0], t.contiguous())]
+
+
+def convert_megatron_to_hf(
+    megatron_dir: str,
+    out_dir: str,
+    *,
+    dtype: Optional[str] = None,
+    force: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+):
+    """Export ``megatron_dir`` to an HF checkpoint in ``out_dir`` (see module docstring)."""
+    from tqdm import tqdm
+
+    from ._runtime import quiet_megatron_logs
+    from .hf_to_megatron import ConversionResult
+
+    start = time.time()
+    meta = read_metadata(megatron_dir, kind="megatron")
+    path = weights_dir(megatron_dir, meta)
+    check_output_dir(out_dir, force, (megatron_dir,))
+    dtype = dtype or meta.dtype
+    if dtype not in _TORCH_DTYPE:
+        raise ConversionError(f"--dtype must be one of {sorted(_TORCH_DTYPE)}, found {dtype!r}")
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    tdtype = _TORCH_DTYPE[dtype]
+    family = get_family(meta.family)
+    mc = meta.get_model_config()
+    maps = param_maps(family, mc)
+    plan = units(maps, mc.num_layers)
+    specs = []
+    for layer, unit_maps in plan:
+        for pm in unit_maps:
+            for name, shape in zip(pm.hf_names(layer), hf_shapes(pm, mc, mc.vocab_size)):
+                specs.append((name, tdtype, shape))
+    shards = _plan_shards(specs, max_bytes)
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    where = {spec[0]: i for i, shard in enumerate(shards) for spec in shard}
+    n_params = sum(int(torch.Size(s[2]).numel()) for s in specs)
+    total_bytes = sum(int(torch.Size(s[2]).numel()) * torch.empty((), dtype=tdtype).element_size() for s in specs)
+    quiet_megatron_logs()
+    prefix = meta.weights.get("key_prefix", "")
+    with AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
+        stored = _stored_tensors(path)
+        writers: dict[int, ShardWriter] = {}
+        remaining = [len(s) for s in shards]
+        bar = tqdm(plan, desc="exporting", unit="unit", disable=not progress)
+        try:
+            for layer, unit_maps in bar:
+                loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix)
+                for pm in unit_maps:
+                    t = loaded.pop(pm.megatron_name(layer))
+                    for name, hf_t in _to_hf(pm, layer, t, mc, tdtype):
+                        i = where[name]
+                        if i not in writers:
+                            writers[i] = ShardWriter(os.path.join(tmp, names[i]), shards[i])
+                        writers[i].write(name, hf_t)
+                        remaining[i] -= 1
+                        if remaining[i] == 0:
+                            writers.pop(i).close()
+                    del t
+        finally:
+            for w in writers.values():
+                w.f.close()
+        index = {"metadata": {"total_size": total_bytes, "total_parameters": n_params},
+                 "weight_map": {name: names[i] for name, i in where.items()}}
+        with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2)
+        config = hf_config_for_export(family, mc, dtype, meta.hf_config)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        files = []
+        for name in TOKENIZER_FILES + EXTRA_FILES:
+            src = os.path.join(megatron_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(tmp, name))
+                if name in TOKENIZER_FILES:
+                    files.append(name)
+        out_meta = dataclasses.replace(
+            meta,
+            kind="hf",
+            dtype=dtype,
+            weights={"format": "safetensors", "index": INDEX_NAME},
+            vocab=dict(meta.vocab, padded=mc.vocab_size, stored=mc.vocab_size),
+            tokenizer=dict(meta.tokenizer, files=files),
+            hf_config=config,
+            source={"path": os.path.abspath(megatron_dir), "tool": "tools/convert_megatron_to_hf.py",
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "from": meta.source},
+        )
+        write_metadata(tmp, out_meta)
+    seconds = time.time() - start
+    summary = (
+        f"exported {megatron_dir} -> {out_dir}: {n_params:,} parameters, {dtype}, "
+        f"{family.architecture}, {n} safetensors shard(s), vocab {mc.vocab_size}, "
+        f"from layout TP={meta.parallel.get('target_tp')} PP={meta.parallel.get('target_pp')}, "
+        f"{seconds:.1f} s"
+    )
+    return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, out_meta, summary)

@@ -1,0 +1,276 @@
+"""Streaming safetensors reading and writing, without memory maps and without whole-file copies.
+
+The format is an 8-byte little-endian header length, a JSON header (``name -> {dtype, shape,
+data_offsets}`` plus an optional ``__metadata__``) and the tensor bytes. Reading parses every
+header first, so a missing or truncated shard is reported before anything is converted, then
+reads rows of one tensor straight into a destination tensor with ``os.preadv`` (no mmap: pages of
+the source file never count towards the converter's resident memory). Writing lays out a shard's
+header from known shapes and then writes each tensor's bytes as the tensor is produced, so an
+exporter holds one layer, not one shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from typing import Iterable, Optional
+
+import torch
+
+from .errors import ConversionError
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+_CONVERT_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    path: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    """Absolute byte offset of the data in the file."""
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _tensor_bytes(view: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor (no copy)."""
+    if not view.is_contiguous():
+        raise ValueError("destination must be contiguous")
+    return memoryview(view.view(-1).view(torch.uint8).numpy())
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """(header dict, data start offset) of one safetensors file, validated against its size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConversionError(f"{path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ConversionError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+    except ValueError as e:
+        raise ConversionError(f"{path} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path} has a corrupt safetensors header")
+    start = 8 + n
+    end_max = start
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            b, e = info["data_offsets"]
+            shape = tuple(int(s) for s in info["shape"])
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: malformed header entry for {name!r}") from None
+        end_max = max(end_max, start + e)
+        if dtype in ST_DTYPES:
+            itemsize = torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
+            numel = 1
+            for s in shape:
+                numel *= s
+            if e - b != numel * itemsize:
+                raise ConversionError(
+                    f"{path}: tensor {name!r} declares shape {list(shape)} {dtype} but holds {e - b} bytes"
+                )
+    if end_max > size:
+        raise ConversionError(
+            f"{path} is truncated: its header needs {end_max} bytes, the file has {size}"
+        )
+    return header, start
+
+
+class SafetensorsCheckpoint:
+    """All tensors of an HF checkpoint directory (one ``model.safetensors`` or a sharded index).
+
+    Opening validates every shard's header; reading is lazy and per tensor.
+    """
+
+    def __init__(self, hf_dir: str):
+        self.dir = hf_dir
+        index = os.path.join(hf_dir, INDEX_NAME)
+        single = os.path.join(hf_dir, SINGLE_NAME)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"cannot read {index}: {e!r}") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            raise ConversionError(
+                f"{hf_dir} has neither {SINGLE_NAME} nor {INDEX_NAME} (only safetensors checkpoints "
+                "are converted)"
+            )
+        missing = [f for f in files if not os.path.isfile(os.path.join(hf_dir, f))]
+        if missing:
+            raise ConversionError(f"missing shard(s) listed in {INDEX_NAME}: {', '.join(missing)}")
+        self.entries: dict[str, TensorEntry] = {}
+        self.total_bytes = 0
+        for fname in files:
+            path = os.path.join(hf_dir, fname)
+            header, start = read_header(path)
+            self.total_bytes += os.path.getsize(path)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(name) != fname:
+                    continue  # the index is authoritative about where a tensor lives
+                if info["dtype"] not in ST_DTYPES:
+                    raise ConversionError(
+                        f"{path}: tensor {name!r} has dtype {info['dtype']}; only F32/F16/BF16 "
+                        "checkpoints are converted (quantized checkpoints are not)"
+                    )
+                b, e = info["data_offsets"]
+                self.entries[name] = TensorEntry(
+                    name, path, ST_DTYPES[info["dtype"]], tuple(info["shape"]), start + b, start + e
+                )
+        if weight_map is not None:
+            absent = sorted(n for n, f in weight_map.items() if n not in self.entries)
+            if absent:
+                raise ConversionError(
+                    f"{INDEX_NAME} maps {absent[0]!r} (and {len(absent) - 1} more) to shards that do "
+                    "not contain it" if len(absent) > 1 else
+                    f"{INDEX_NAME} maps {absent[0]!r} to a shard that does not contain it"
+                )
+        self._fds: dict[str, int] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.entries:
+            raise ConversionError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
+        return self.entries[name]
+
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _pread_into(self, path: str, offset: int, buf: memoryview) -> None:
+        fd = self._fd(path)
+        done = 0
+        while done < len(buf):
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise ConversionError(f"{path} ended early (truncated while reading)")
+            done += n
+
+    def read_rows_into(self, name: str, dest: torch.Tensor, start: int = 0,
+                       stop: Optional[int] = None) -> None:
+        """Copy rows ``[start, stop)`` (first dimension) of tensor ``name`` into ``dest``.
+
+        ``dest`` must be contiguous with the rows' shape; its dtype may differ (converted in
+        bounded chunks).
+        """
+        e = self.entry(name)
+        rows = e.shape[0] if e.shape else 1
+        stop = rows if stop is None else stop
+        row_numel = e.numel // rows if rows else 0
+        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        count = (stop - start) * row_numel
+        if dest.numel() != count:
+            raise ValueError(f"{name}: destination holds {dest.numel()} elements, rows need {count}")
+        offset = e.begin + start * row_numel * itemsize
+        if dest.dtype == e.dtype:
+            self._pread_into(e.path, offset, _tensor_bytes(dest))
+            return
+        flat = dest.view(-1)
+        step = max(1, _CONVERT_CHUNK_BYTES // itemsize)
+        tmp = torch.empty(min(step, count), dtype=e.dtype)
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            part = tmp[: hi - lo]
+            self._pread_into(e.path, offset + lo * itemsize, _tensor_bytes(part))
+            flat[lo:hi].copy_(part)
+
+    def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        e = self.entry(name)
+        out = torch.empty(e.shape, dtype=dtype or e.dtype)
+        self.read_rows_into(name, out)
+        return out
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors (names, dtypes, shapes) are known up front.
+
+    The header goes first; :meth:`write` then streams each tensor's bytes in any order (seeking to
+    its slot). :meth:`close` checks that every declared tensor was written.
+    """
+
+    def __init__(self, path: str, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: Optional[dict[str, str]] = None):
+        self.path = path
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self.slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, dtype, shape in specs:
+            numel = 1
+            for s in shape:
+                numel *= s
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.slots[name] = (offset, nbytes, dtype, tuple(shape))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.nbytes = self.data_start + offset
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)))
+        self.f.write(raw)
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        offset, nbytes, dtype, shape = self.slots[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        data = _tensor_bytes(tensor.contiguous())
+        self.f.seek(self.data_start + offset)
+        self.f.write(data)
+        self.written.add(name)
+
+    def close(self) -> None:
+        missing = set(self.slots) - self.written
+        self.f.truncate(self.nbytes)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if missing:
+            raise RuntimeError(f"{self.path}: tensors never written: {sorted(missing)}")

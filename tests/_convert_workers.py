@@ -1,0 +1,196 @@
+"""Helpers for the conversion tests: tiny random HF checkpoints of each family (built with
+transformers from a config, no downloads), a tiny tokenizer, and the two-process gloo worker that
+loads converted checkpoints at TP=2 and PP=2 (spawned; importable by module name)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from _dist_workers import free_port
+
+SEQ = 16
+FAMILY_SETUPS = {
+    # family: (config class, model class, extra config, tied embeddings)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, False),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}, True),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}, False),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}, True),
+}
+
+
+def tiny_tokenizer(directory: str, n_tokens: int) -> None:
+    """A WordLevel tokenizer over ``w0 .. w{n-2}`` plus ``[UNK]``, saved as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(n_tokens - 1)}
+    vocab["[UNK]"] = n_tokens - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="w1").save_pretrained(directory)
+
+
+def make_hf_checkpoint(directory: str, family: str, *, vocab: int = 150, layers: int = 2,
+                       tie=None, tokenizer_tokens=None, seed: int = 0, dtype=torch.float32,
+                       max_shard_size=None):
+    """Save a tiny random model of ``family`` (weights drawn large enough that mapping mistakes
+    change the logits visibly). Returns the HF model (eval, fp32, sdpa)."""
+    import transformers
+
+    cfg_name, model_name, extra, tied = FAMILY_SETUPS[family]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tied if tie is None else tie,
+        **extra,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if dtype == torch.float32:
+        model.save_pretrained(directory, **kwargs)
+    else:  # a copy: casting in place would also round the model's rotary inv_freq buffer
+        import copy
+
+        copy.deepcopy(model).to(dtype).save_pretrained(directory, **kwargs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(dtype).float())
+    if tokenizer_tokens:
+        tiny_tokenizer(directory, tokenizer_tokens)
+    return model
+
+
+def input_ids(vocab: int, seed: int = 0, b: int = 2):
+    return torch.randint(0, vocab, (b, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# two-process worker
+
+
+def _entry(rank, world, port, out_dir, jobs):
+    try:
+        result = layouts(rank, world, port, jobs)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception:  # noqa: BLE001 - reported to the parent through a file
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_layouts(out_dir: str, jobs: list[dict]) -> list:
+    mp.spawn(_entry, args=(2, free_port(), out_dir, jobs), nprocs=2, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def _pp_logits(model, ids, stage):
+    """Two-stage forward with an explicit send of the stage-0 activations to stage 1."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        if stage == 0:
+            hidden = model(ids).hidden.contiguous()
+            dist.send(hidden, dst=1)
+            return None
+        cfg = model.model_config
+        buf = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
+        dist.recv(buf, src=0)
+        model.set_input_tensor(buf)
+        return model(ids).clean
+
+
+class _TensorCudaIsIdentity(torch.overrides.TorchFunctionMode):
+    """Test-local stand-in for a missing CPU shim: with tied embeddings at PP>1, megatron-core's
+    ``LanguageModule.setup_embeddings_and_output_layer`` calls ``weight.data.cuda()`` before
+    all-reducing the last stage's copy of the embedding, which raises on a CPU-only build."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cuda and not torch.cuda.is_available():
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def layouts(rank, world, port, jobs):
+    """For each job: load the converted checkpoint at TP=2 (logits), save it from TP=2 (a
+    checkpoint *written* at TP=2), load the converted one and the TP=2-written one at PP=2
+    (logits on the last stage), and optionally save from PP=2."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_nbdiff.checkpoint import load_model, read_metadata, write_metadata
+    from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
+
+    import torch.distributed as dist
+
+    out = {}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for job in jobs:
+            src, ids, name = job["ckpt"], job["ids"], job["name"]
+            res = out.setdefault(name, {})
+            initialize_parallel(2, 1)
+            model = load_model(src, tp=2, pp=1).eval()
+            with torch.no_grad():
+                res["tp2"] = model(ids).clean
+            if job.get("save_tp2"):
+                dst = job["save_tp2"]
+                if rank == 0:
+                    os.makedirs(os.path.join(dst, "model"))
+                dist.barrier()
+                dist_checkpointing.save(model.sharded_state_dict(), os.path.join(dst, "model"))
+                dist.barrier()
+                if rank == 0:
+                    meta = read_metadata(src)
+                    parallel = dict(meta.parallel, written_tp=2, written_pp=1, target_tp=2, target_pp=1)
+                    write_metadata(dst, meta.updated(parallel=parallel, step=7))
+                    for f in meta.tokenizer["files"]:
+                        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+                dist.barrier()
+            del model
+            initialize_parallel(1, 2)
+            stage = parallel_state.get_pipeline_model_parallel_rank()
+            res["stage"] = stage
+            for key, path in (("pp2", src), ("pp2_from_tp2", job.get("save_tp2"))):
+                if path is None:
+                    continue
+                with _TensorCudaIsIdentity():
+                    model = load_model(path, tp=1, pp=2).eval()
+                res[key] = _pp_logits(model, ids, stage)
+            if job.get("save_pp2"):
+                dst = job["save_pp2"]
+                if rank == 0:
+                    os.makedirs(os.path.join(dst, "model"))
+                dist.barrier()
+                dist_checkpointing.save(model.sharded_state_dict(), os.path.join(dst, "model"))
+                dist.barrier()
+                if rank == 0:
+                    meta = read_metadata(src)
+                    parallel = dict(meta.parallel, written_tp=1, written_pp=2)
+                    write_metadata(dst, meta.updated(parallel=parallel))
+                dist.barrier()
+            del model
+    finally:
+        destroy_parallel()
+    return out
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
