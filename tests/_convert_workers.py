@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-from _dist_workers import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 SEQ = 16
 FAMILY_SETUPS = {

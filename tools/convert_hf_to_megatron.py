@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, ...: the output was not written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -12,8 +12,8 @@ from .errors import ConversionError
 
 @contextlib.contextmanager
 def single_process_group():
-    """A world-size-1 gloo group with TP=PP=1 for the duration (the converters run on one
-    process). Reuses an existing world-size-1 group; refuses a larger one."""
+    """A world-size-1 gloo group with TP=PP=1 for the duration (the converters run on one process,
+    on CPU, also on a CUDA host). Reuses an existing world-size-1 group; refuses a larger one."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -30,12 +30,12 @@ def single_process_group():
             initialize_parallel(1, 1)
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="nbdiff-pg-") as d:
-        initialize_parallel(1, 1, init_method=f"file://{os.path.join(d, 'store')}", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            destroy_parallel()
+    dist.init_process_group("gloo", init_method=private_init_method(), rank=0, world_size=1)
+    try:
+        initialize_parallel(1, 1)
+        yield
+    finally:
+        destroy_parallel()
 
 
 def private_init_method() -> str:

@@ -245,7 +245,8 @@ def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progre
     phases = {}
     with single_process_group(), torch.no_grad():
         t0 = time.time()
-        tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype, perform_initialization=False)
+        tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype, perform_initialization=False,
+                                         use_cpu_initialization=True)
         model = NBDiffModel(build_mc, tc)
         params = dict(model.gpt.named_parameters())
         filled: set[str] = set()

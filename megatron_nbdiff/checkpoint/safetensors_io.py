@@ -48,8 +48,8 @@ class TensorEntry:
 
 def _tensor_bytes(view: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor (no copy)."""
-    if not view.is_contiguous():
-        raise ValueError("destination must be contiguous")
+    if not view.is_contiguous() or view.device.type != "cpu":
+        raise ValueError("tensor must be a contiguous CPU tensor")
     return memoryview(view.view(-1).view(torch.uint8).numpy())
 
 
