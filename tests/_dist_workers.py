@@ -37,6 +37,7 @@ def _entry(rank, world, port, name, out_dir, kwargs):
 
 def run_two_process(name: str, out_dir: str, **kwargs) -> list:
     """Run worker ``name`` on two gloo processes; return each rank's result."""
+    os.makedirs(out_dir, exist_ok=True)
     mp.spawn(_entry, args=(2, free_port(), name, out_dir, kwargs), nprocs=2, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
@@ -191,3 +192,19 @@ def pp_loss(rank, layout="dual_context_causal", block_size=4):
         worst = max(worst, (p.grad - full_grad[key]).abs().max().item())
     results["grad_max_diff"] = worst
     return results
+
+
+def train_first_losses(rank, data, tp=1, pp=1, steps=2):
+    """Run the trainer for ``steps`` steps at TP/PP on two processes; return the logged losses."""
+    import json as _json
+
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    data = {k: dict(v) for k, v in data.items()}
+    data["train"].update(tp=tp, pp=pp)
+    trainer = Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps)
+    trainer.run()
+    torch.distributed.barrier()
+    with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
+        return [_json.loads(line)["loss"] for line in f]

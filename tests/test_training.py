@@ -192,3 +192,30 @@ def test_corrupt_data_prefix_and_cli_errors(corpus, tmp_path):
     r = subprocess.run([sys.executable, TRAIN, "--config", str(cfg_path), "train.nosuch=1", "--quiet"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key(s) in 'train': nosuch" in r.stderr
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_two_process_first_steps_match_one_process(corpus, tmp_path, tp, pp):
+    """DP=2 (tp=pp=1 on two processes), TP=2 and PP=2 give the one-process losses. Both start from
+    one step-0 checkpoint (random initialisation draws differ between pipeline layouts), which the
+    two-process run reshards on load."""
+    import shutil
+
+    from _dist_workers import run_two_process
+    from megatron_nbdiff.training.trainer import Trainer
+
+    one = make_config(corpus, tmp_path / "one", recipe=dict(block_size=4),
+                      checkpoint=dict(save_dir=str(tmp_path / "one")))
+    init = Trainer(RunConfig.from_dict(one), quiet=True)
+    init.setup()
+    init.save(0)
+    two = make_config(corpus, tmp_path / "two", recipe=dict(block_size=4),
+                      checkpoint=dict(save_dir=str(tmp_path / "two")))
+    shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
+    run(one, stop_after=2)
+    ref = [losses(tmp_path / "one")[s]["loss"] for s in range(2)]
+    results = run_two_process("train_first_losses", str(tmp_path / "out"), data=two, tp=tp, pp=pp)
+    got = results[0]
+    assert len(got) == 2
+    for a, b in zip(got, ref):
+        assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (got, ref)

@@ -102,7 +102,9 @@ class NBDiffModel(MegatronModule):
             rotary_base=model_config.rope_base,
             vp_stage=vp_stage,
         )
+        # attributes megatron-core's schedules and gradient finalisation look up on the model
         self.model_type = self.gpt.model_type
+        self.share_embeddings_and_output_weights = self.gpt.share_embeddings_and_output_weights
         self._core_attention = [
             m for m in self.gpt.modules() if isinstance(m, BlockDiffusionAttention)
         ]

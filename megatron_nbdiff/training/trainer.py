@@ -356,10 +356,17 @@ class Trainer:
                     f"{latest} was written by a different recipe config; resume with the same "
                     "recipe section or use a new checkpoint.save_dir"
                 )
+            if int(state["step"]) == 0:
+                # no optimizer step yet: Adam has no moments to restore (and asking the optimizer
+                # for a loading state dict would create empty ones)
+                wanted = {"model": self.inner.sharded_state_dict()}
+            else:
+                wanted = self._sharded_state(loading=True)
             with compat.cpu_device_mode():
-                loaded = dist_checkpointing.load(self._sharded_state(loading=True), latest)
+                loaded = dist_checkpointing.load(wanted, latest)
             self.inner.gpt.load_state_dict(loaded["model"])
-            self.optimizer.load_state_dict(loaded["optimizer"])
+            if "optimizer" in loaded:
+                self.optimizer.load_state_dict(loaded["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self._log(f"resumed from {latest} at step {state['step']}")
             return int(state["step"])
@@ -380,6 +387,8 @@ class Trainer:
     def save(self, step: int) -> str:
         from megatron.core import dist_checkpointing
 
+        # nothing to save of the optimizer before its first step
+        state = {"model": self.inner.sharded_state_dict()} if step == 0 else self._sharded_state()
         name = f"step_{step:07d}"
         final = os.path.join(self.ckpt_root, name)
         tmp = final + ".tmp"
@@ -389,17 +398,17 @@ class Trainer:
             os.makedirs(tmp)
         dist.barrier()
         with compat.cpu_device_mode():
-            dist_checkpointing.save(self._sharded_state(), tmp)
+            dist_checkpointing.save(state, tmp)
         dist.barrier()
         if self.rank == 0:
-            state = dict(
+            record = dict(
                 step=step, scheduler=self.scheduler.state_dict(),
                 recipe=dataclasses.asdict(self.cfg.recipe), block_size=self.curriculum.block_size(step),
                 model=self.model_config.to_dict(), mask_token_id=self.mask_token_id,
                 eod_token_id=self.eod_id, config=self.cfg.to_dict(),
             )
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-                json.dump(state, f, indent=1)
+                json.dump(record, f, indent=1)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer_tmp = os.path.join(self.ckpt_root, f"latest.tmp-{os.getpid()}")
