@@ -1,6 +1,7 @@
 """The training loop on one process: every recipe learns, resume is exact, B=1 is AR, signals
 save a loadable checkpoint, bad inputs fail before any work."""
 import json
+import math
 import os
 import random
 import signal
@@ -219,3 +220,21 @@ def test_two_process_first_steps_match_one_process(corpus, tmp_path, tp, pp):
     assert len(got) == 2
     for a, b in zip(got, ref):
         assert abs(a - b) < 1e-5 * max(1.0, abs(b)), (got, ref)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_loss_is_handled_as_configured(corpus, tmp_path, policy):
+    """An absurd learning rate blows the weights up after the first step; the loss becomes
+    non-finite and the run stops with a message or skips the step, as configured."""
+    data = make_config(corpus, tmp_path, recipe=dict(name="ar"),
+                       train=dict(steps=4, lr=1e30, min_lr=1e30, warmup_steps=0, clip_grad=0.0,
+                                  nan_policy=policy))
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d"):
+            run(data)
+    else:
+        code, _ = run(data)
+        assert code == 0
+        rec = losses(tmp_path)
+        assert any(r["skipped"] for r in rec.values())
+        assert all(r["skipped"] for r in rec.values() if not math.isfinite(r["loss"]))
