@@ -9,8 +9,11 @@ divided by the checkpoint size (target <= 1.3), median over ``--runs``.
 
     python benchmarks/convert.py --workdir /tmp/nbdiff-bench --runs 3 [--keep]
 
-The source files are in the page cache when the conversion reads them (they were just written),
-so the times are warm-cache times; the workdir is deleted at the end unless ``--keep``.
+The source files were just written and synced; whether they are still in the page cache depends
+on the host (a VM that reclaims page cache proactively reads them from disk). Wall times include
+the tools' start-up (importing torch, megatron-core and transformers, about 8 s on 2 cores); the
+tools' summaries give the read and write phases. The workdir is deleted at the end unless
+``--keep``.
 """
 from __future__ import annotations
 
@@ -201,7 +204,7 @@ def main(argv=None) -> int:
         print()
         print(f"device: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
-              f"{datetime.date.today().isoformat()}; median of {args.runs} run(s); warm page cache")
+              f"{datetime.date.today().isoformat()}; median of {args.runs} run(s); wall time includes start-up")
         print(f"checkpoint: Llama-shaped, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
               f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, bf16: HF {size / 1e9:.2f} GB, "
               f"megatron torch_dist {mg_size / 1e9:.2f} GB")
