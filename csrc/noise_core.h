@@ -159,6 +159,23 @@ NBD_HOST_DEVICE float t_cached(const NoiseParams& p, TCache& cache, uint64_t g, 
   return cache.t;
 }
 
+// The loss weight of a masked token whose block has noise level t.
+NBD_HOST_DEVICE float masked_weight(const NoiseParams& p, float t) {
+  return p.weight_mode == kWeightInvT ? div_rn(1.0f, t) : 1.0f;
+}
+
+// One token: masked iff eligible and its 24-bit uniform (word >> 8) * 2^-24 is below t.
+template <typename T>
+NBD_HOST_DEVICE void token_noise(const NoiseParams& p, bool eligible, uint32_t word, float t_block,
+                                 float weight_if_masked, T token, T& id, uint8_t& masked,
+                                 float& t, float& w) {
+  const bool m = eligible && u24_to_float(word >> 8) < t_block;
+  id = m ? static_cast<T>(p.mask_id) : token;
+  masked = m ? 1u : 0u;
+  t = t_block;
+  w = m ? weight_if_masked : 0.0f;
+}
+
 // Noise for the tokens pos0 .. pos0 + n - 1 (pos0 a multiple of 4, 1 <= n <= 4) of the row
 // whose global sample index is g. The caller passes block = pos0 / B and offset = pos0 % B
 // (the C++ kernel advances them without dividing). `has_loss[i]` is 0 for tokens that carry
@@ -171,22 +188,32 @@ NBD_HOST_DEVICE void noise_group(const NoiseParams& p, TCache& cache, uint64_t g
   const PhiloxWords r = noise_words(p, static_cast<uint32_t>(pos0 >> 2), kStreamToken, g);
   const bool per_block = p.t_mode == kTPerBlock;
   float tb = t_cached(p, cache, g, per_block ? block : 0);
+  float wm = masked_weight(p, tb);
+  if (n == 4 && offset + 3 < p.block_size) {  // the common case: four tokens of one block
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = 0; i < 4; ++i) {
+      const bool eligible = has_loss[i] != 0 && !(p.keep_block_first && offset + i == 0);
+      token_noise<T>(p, eligible, r.w[i], tb, wm, tok[i], ids[i], masked[i], t[i], w[i]);
+    }
+    return;
+  }
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int i = 0; i < 4; ++i) {  // constant trip count: r.w[i] stays in registers on the GPU
     if (i < n) {
-      if (i > 0 && ++offset == p.block_size) {
+      if (i > 0 && ++offset == p.block_size) {  // the group crosses into the next block
         offset = 0;
         ++block;
-        if (per_block) tb = t_cached(p, cache, g, block);
+        if (per_block) {
+          tb = t_cached(p, cache, g, block);
+          wm = masked_weight(p, tb);
+        }
       }
       const bool eligible = has_loss[i] != 0 && !(p.keep_block_first && offset == 0);
-      const bool m = eligible && u24_to_float(r.w[i] >> 8) < tb;
-      ids[i] = m ? static_cast<T>(p.mask_id) : tok[i];
-      masked[i] = m ? 1u : 0u;
-      t[i] = tb;
-      w[i] = m ? (p.weight_mode == kWeightInvT ? div_rn(1.0f, tb) : 1.0f) : 0.0f;
+      token_noise<T>(p, eligible, r.w[i], tb, wm, tok[i], ids[i], masked[i], t[i], w[i]);
     }
   }
 }
