@@ -16,6 +16,9 @@ parallel pieces:
 5. Sequence-parallel embedding dropout forks megatron's CUDA RNG tracker, which cannot seed
    without CUDA. Shim: :func:`seed_model_parallel_rng` registers the same named states (same
    seeds as ``model_parallel_cuda_manual_seed``) in a tracker that forks the CPU generator.
+6. With tied embeddings at PP>1, megatron-core's ``setup_embeddings_and_output_layer`` calls
+   ``weight.data.cuda()`` before all-reducing the stages' copies. Shim: ``Tensor.cuda`` returns
+   the tensor itself (on a CPU-only build it could only raise).
 
 Everything here is inactive when CUDA is present: :func:`install` does nothing and
 :func:`cpu_device_mode` is a null context.
@@ -53,8 +56,14 @@ def install() -> bool:
         from megatron.core.optimizer import optimizer as moptimizer
 
         moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
+        torch.Tensor.cuda = _tensor_stays_on_cpu
         _installed = True
     return True
+
+
+def _tensor_stays_on_cpu(self, *args, **kwargs):
+    """Shim 6: ``Tensor.cuda`` without CUDA keeps the tensor where it is."""
+    return self
 
 
 def _clip_grad_by_total_norm_fp32_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):

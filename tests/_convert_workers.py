@@ -123,17 +123,6 @@ def _pp_logits(model, ids, stage):
         return model(ids).clean
 
 
-class _TensorCudaIsIdentity(torch.overrides.TorchFunctionMode):
-    """Test-local stand-in for a missing CPU shim: with tied embeddings at PP>1, megatron-core's
-    ``LanguageModule.setup_embeddings_and_output_layer`` calls ``weight.data.cuda()`` before
-    all-reducing the last stage's copy of the embedding, which raises on a CPU-only build."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.cuda and not torch.cuda.is_available():
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
 def layouts(rank, world, port, jobs):
     """For each job: load the converted checkpoint at TP=2 (logits), save it from TP=2 (a
     checkpoint *written* at TP=2), load the converted one and the TP=2-written one at PP=2
@@ -176,8 +165,9 @@ def layouts(rank, world, port, jobs):
             for key, path in (("pp2", src), ("pp2_from_tp2", job.get("save_tp2"))):
                 if path is None:
                     continue
-                with _TensorCudaIsIdentity():
-                    model = load_model(path, tp=1, pp=2).eval()
+                # tied embeddings at PP=2 rely on compat's Tensor.cuda shim (installed by
+                # initialize_parallel)
+                model = load_model(path, tp=1, pp=2).eval()
                 res[key] = _pp_logits(model, ids, stage)
             if job.get("save_pp2"):
                 dst = job["save_pp2"]

@@ -38,8 +38,10 @@ def corpus(tmp_path_factory):
 
 
 def make_config(corpus, save_dir, **sections):
+    from megatron_nbdiff.data import Tokenizer
+
     data = {
-        "model": dict(vocab_size=200, hidden_size=64, num_layers=2, num_attention_heads=4,
+        "model": dict(vocab_size=Tokenizer(str(corpus / "tok")).vocab_size, hidden_size=64, num_layers=2, num_attention_heads=4,
                       num_query_groups=2, ffn_hidden_size=128, max_seq_len=64),
         "recipe": dict(name="nbdiff", mask_token_id=3, block_interval=4, block_max=8),
         "data": dict(train=[str(corpus / "data" / "c")], tokenizer=str(corpus / "tok"), split="90,10,0"),
@@ -154,6 +156,7 @@ def test_sigterm_saves_a_loadable_checkpoint(corpus, tmp_path):
     (dict(recipe=dict(name="magic")), "unknown recipe 'magic'"),
     (dict(train=dict(stepz=3)), "unknown key(s) in 'train': stepz"),
     (dict(recipe=dict(mask_token_id=500)), "mask token id 500 is outside the vocabulary"),
+    (dict(model=dict(vocab_size=100)), "has 260 tokens but the model's vocabulary has 100 rows"),
     (dict(train=dict(seq_len=30)), "seq_len 30 is not divisible by block size 4"),
 ])
 def test_bad_inputs_fail_before_work(corpus, tmp_path, change, message):
@@ -238,3 +241,55 @@ def test_nan_loss_is_handled_as_configured(corpus, tmp_path, policy):
         rec = losses(tmp_path)
         assert any(r["skipped"] for r in rec.values())
         assert all(r["skipped"] for r in rec.values() if not math.isfinite(r["loss"]))
+
+
+def test_adapting_a_converted_hf_checkpoint_end_to_end(corpus, tmp_path):
+    """HF Llama -> converted checkpoint -> (ar step-0 loss == HF loss) -> nbdiff steps -> the
+    adapted checkpoint carries nbdiff.json and exports to a loadable HF model."""
+    import shutil
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from _convert_workers import make_hf_checkpoint
+    from megatron_nbdiff.checkpoint import read_metadata
+    from megatron_nbdiff.checkpoint.hf_to_megatron import convert_hf_to_megatron
+    from megatron_nbdiff.checkpoint.megatron_to_hf import convert_megatron_to_hf
+
+    hf_dir = tmp_path / "hf"
+    from megatron_nbdiff.data import Tokenizer
+
+    hf = make_hf_checkpoint(str(hf_dir), "llama", vocab=Tokenizer(str(corpus / "tok")).vocab_size)
+    for name in os.listdir(corpus / "tok"):
+        shutil.copy(corpus / "tok" / name, hf_dir / name)
+    ckpt = tmp_path / "converted"
+    convert_hf_to_megatron(str(hf_dir), str(ckpt), mask_token="none", progress=False)
+
+    # no document masking here: the HF forward below attends across packed documents too
+    base = make_config(corpus, tmp_path / "ar", recipe=dict(name="ar", pack_documents=False), train=dict(steps=1),
+                       checkpoint=dict(save_dir=str(tmp_path / "ar"), init_from=str(ckpt)))
+    base.pop("model")
+    code, trainer = run(base)
+    assert code == 0
+    x = torch.stack([trainer.train_ds[i]["tokens"] for i in range(4)])
+    with torch.no_grad():
+        logits = hf(x).logits
+    hf_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+    assert abs(losses(tmp_path / "ar")[0]["loss"] - hf_loss) < 1e-5
+
+    adapt = make_config(corpus, tmp_path / "nb", recipe=dict(name="nbdiff", block_size=4),
+                        train=dict(steps=3),
+                        checkpoint=dict(save_dir=str(tmp_path / "nb"), init_from=str(ckpt)))
+    adapt.pop("model")
+    assert run(adapt)[0] == 0
+    step_dir = tmp_path / "nb" / "checkpoints" / "step_0000003"
+    meta = read_metadata(str(step_dir))
+    assert (meta.recipe, meta.step, meta.block_size, meta.attention_layout) == (
+        "nbdiff", 3, 4, "dual_context_causal")
+    out = tmp_path / "exported"
+    convert_megatron_to_hf(str(step_dir), str(out), progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="sdpa").eval()
+    assert read_metadata(str(out)).recipe == "nbdiff"
+    changed = [n for n, p in exported.named_parameters()
+               if not torch.equal(p, dict(hf.named_parameters())[n])]
+    assert changed  # the adaptation steps moved the weights

@@ -203,7 +203,15 @@ class Trainer:
             raise TrainingError(
                 f"mask token id {self.mask_token_id} is outside the vocabulary (size {mc.vocab_size})"
             )
-        self.eod_id = self._eod_id(meta)
+        tok = self._data_tokenizer()
+        if tok.eod_id is None:
+            raise TrainingError(f"tokenizer {tok.path} has no end-of-document (eos) token")
+        if tok.vocab_size > mc.vocab_size:
+            raise TrainingError(
+                f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                f"{mc.vocab_size} rows"
+            )
+        self.eod_id = int(tok.eod_id)
         # parallel state
         initialize_parallel(t.tp, t.pp, seed=t.seed)
         self.rank = dist.get_rank()
@@ -245,25 +253,17 @@ class Trainer:
         except ConversionError as exc:
             raise TrainingError(f"checkpoint.init_from: {exc}") from None
 
-    def _eod_id(self, meta: Optional[dict]) -> int:
-        """End-of-document id (document packing): from data.tokenizer, else the init checkpoint's
-        tokenizer, else its metadata."""
+    def _data_tokenizer(self):
+        """The tokenizer the data was made with: data.tokenizer, else the init checkpoint's."""
         from ..data.tokenizer import Tokenizer, TokenizerError
 
-        sources = [self.cfg.data.tokenizer]
+        if self.cfg.data.tokenizer is not None:
+            return Tokenizer(self.cfg.data.tokenizer)
         if self.cfg.checkpoint.init_from:
-            sources.append(self.cfg.checkpoint.init_from)
-        for src in sources:
-            if src is None:
-                continue
             try:
-                eod = Tokenizer(src).eod_id
+                return Tokenizer(self.cfg.checkpoint.init_from)
             except TokenizerError:
-                if src == self.cfg.data.tokenizer:
-                    raise
-                continue
-            if eod is not None:
-                return int(eod)
+                pass
         raise TrainingError(
             "cannot tell the end-of-document token: set data.tokenizer (the tokenizer used by "
             "tools/preprocess_data.py)"
@@ -409,6 +409,7 @@ class Trainer:
             )
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(record, f, indent=1)
+            self._write_checkpoint_metadata(tmp, step)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer_tmp = os.path.join(self.ckpt_root, f"latest.tmp-{os.getpid()}")
@@ -421,6 +422,33 @@ class Trainer:
         dist.barrier()
         self._log(f"saved {final}")
         return final
+
+    def _write_checkpoint_metadata(self, directory: str, step: int) -> None:
+        """``nbdiff.json`` for a checkpoint of a run that started from a converted or adapted
+        checkpoint: the source's metadata with this run's recipe, block size, layout and step, and
+        the weights in the checkpoint directory itself. Such checkpoints load with
+        ``checkpoint.load_model`` and export with ``tools/convert_megatron_to_hf.py``. Runs from
+        random weights have no architecture family to record and write none."""
+        src = self.cfg.checkpoint.init_from
+        if not src:
+            return
+        from ..checkpoint.metadata import read_metadata, write_metadata
+
+        meta = read_metadata(src, kind="megatron")
+        block = self.curriculum.block_size(max(step - 1, 0))
+        adapted = meta.updated(
+            recipe=self.cfg.recipe.name, step=step, attention_layout=self.cfg.recipe.layout,
+            block_size=block if self.cfg.recipe.dual else (1 if self.cfg.recipe.name == "ar" else self.cfg.train.seq_len),
+            weights={"format": "torch_dist", "path": ".", "key_prefix": ""},
+            dtype=self.dtype,
+            source=dict(meta.source, adapted_from=os.path.abspath(src)),
+        )
+        write_metadata(directory, adapted)
+        tokenizer_files = (meta.tokenizer or {}).get("files", [])
+        for name in tokenizer_files:
+            path = os.path.join(src, name)
+            if os.path.isfile(path):
+                shutil.copy(path, os.path.join(directory, name))
 
     # -- one step -----------------------------------------------------------------------------
     def _micro_batches(self, step: int, dataset, base: int) -> list:
@@ -438,7 +466,8 @@ class Trainer:
         from ..noise import mask_tokens
 
         recipe = self.cfg.recipe
-        vocab_parallel = self.tp > 1
+        # the loss sees the real vocabulary only: padding rows (which grow with TP) are excluded
+        vp = dict(vocab_parallel=self.tp > 1, vocab_size=self.model_config.vocab_size)
 
         def forward_step(data_iterator: Iterator, model):
             tokens, sample_index = next(data_iterator)
@@ -447,12 +476,12 @@ class Trainer:
             doc_ids = doc_ids_from_eod(tokens, self.eod_id) if recipe.pack_documents else None
             if recipe.name == "ar":
                 out = model(tokens, layout="causal", doc_ids=doc_ids)
-                loss_fn = lambda o: ar_loss(o.clean, tokens, loss_mask, vocab_parallel)  # noqa: E731
+                loss_fn = lambda o: ar_loss(o.clean, tokens, loss_mask, **vp)  # noqa: E731
             elif recipe.dual and block_size == 1:
                 # no masked positions at block size 1: skip the noisy stream, pure AR step
                 out = model(tokens, layout="causal", doc_ids=doc_ids)
                 loss_fn = lambda o: dual_stream_loss(  # noqa: E731
-                    None, o.clean, tokens, None, None, loss_mask, recipe.lam, vocab_parallel)
+                    None, o.clean, tokens, None, None, loss_mask, recipe.lam, **vp)
             else:
                 noise = mask_tokens(
                     tokens, block_size=block_size if recipe.dual else None,
@@ -466,13 +495,13 @@ class Trainer:
                                 doc_ids=doc_ids)
                     loss_fn = lambda o: dual_stream_loss(  # noqa: E731
                         o.noisy, o.clean, tokens, noise.weight, noise.is_masked, loss_mask,
-                        recipe.lam, vocab_parallel)
+                        recipe.lam, **vp)
                 else:
                     out = model(noisy_ids=noise.noisy_ids, layout=recipe.layout, doc_ids=doc_ids,
                                 anneal_step=step, anneal_steps=recipe.anneal_steps,
                                 anneal_seed=self.cfg.train.seed)
                     loss_fn = lambda o: single_stream_loss(  # noqa: E731
-                        o.noisy, tokens, noise.weight, noise.is_masked, loss_mask, vocab_parallel)
+                        o.noisy, tokens, noise.weight, noise.is_masked, loss_mask, **vp)
             if out.hidden is not None:  # not the last pipeline stage
                 return out.hidden, lambda x: (x.sum() * 0.0, {})
             parts = loss_fn(out)
