@@ -88,3 +88,15 @@ def test_curriculum_doubles_at_configured_steps():
         BlockCurriculum(start=64)
     with pytest.raises(ValueError, match="interval and offset must be >= 0"):
         BlockCurriculum(interval=-1)
+
+
+def test_padded_vocabulary_rows_are_excluded():
+    from megatron_nbdiff.training import token_cross_entropy
+
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, 5, 13, generator=g)
+    targets = torch.randint(0, 10, (2, 5), generator=g)
+    padded = torch.cat([logits, torch.zeros(2, 5, 6)], dim=-1)  # padding rows give logit 0
+    ref = token_cross_entropy(logits[..., :10], targets)
+    torch.testing.assert_close(token_cross_entropy(padded, targets, vocab_size=10), ref)
+    assert not torch.allclose(token_cross_entropy(padded, targets), ref)

@@ -489,6 +489,7 @@ class Trainer:
                     sample_index=sample_index.to(self.device), loss_mask=loss_mask,
                     t_mode=recipe.t, t_sampling=recipe.t_sampling, eps=recipe.eps,
                     weight_mode=recipe.weight,
+                    validate=not self.cuda,  # the range checks would sync the host on CUDA
                 )
                 if recipe.dual:
                     out = model(tokens, noise.noisy_ids, layout=recipe.layout, block_size=block_size,
