@@ -123,13 +123,38 @@ def _pp_logits(model, ids, stage):
         return model(ids).clean
 
 
+def _save_from_layout(model, src, dst, rank, copy_tokenizer=False, step=None, **parallel):
+    """Save ``model`` (this process group's layout) as a checkpoint written at that layout, with
+    ``src``'s metadata and the ``parallel`` fields replaced."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_nbdiff.checkpoint import read_metadata, write_metadata
+
+    if rank == 0:
+        os.makedirs(os.path.join(dst, "model"))
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), os.path.join(dst, "model"))
+    dist.barrier()
+    if rank == 0:
+        meta = read_metadata(src)
+        changes = dict(parallel=dict(meta.parallel, **parallel))
+        if step is not None:
+            changes["step"] = step
+        write_metadata(dst, meta.updated(**changes))
+        if copy_tokenizer:
+            for f in meta.tokenizer["files"]:
+                shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+    dist.barrier()
+
+
 def layouts(rank, world, port, jobs):
     """For each job: load the converted checkpoint at TP=2 (logits), save it from TP=2 (a
     checkpoint *written* at TP=2), load the converted one and the TP=2-written one at PP=2
     (logits on the last stage), and optionally save from PP=2."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
-    from megatron_nbdiff.checkpoint import load_model, read_metadata, write_metadata
+    from megatron_nbdiff.checkpoint import load_model
     from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
 
     import torch.distributed as dist
@@ -145,19 +170,8 @@ def layouts(rank, world, port, jobs):
             with torch.no_grad():
                 res["tp2"] = model(ids).clean
             if job.get("save_tp2"):
-                dst = job["save_tp2"]
-                if rank == 0:
-                    os.makedirs(os.path.join(dst, "model"))
-                dist.barrier()
-                dist_checkpointing.save(model.sharded_state_dict(), os.path.join(dst, "model"))
-                dist.barrier()
-                if rank == 0:
-                    meta = read_metadata(src)
-                    parallel = dict(meta.parallel, written_tp=2, written_pp=1, target_tp=2, target_pp=1)
-                    write_metadata(dst, meta.updated(parallel=parallel, step=7))
-                    for f in meta.tokenizer["files"]:
-                        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
-                dist.barrier()
+                _save_from_layout(model, src, job["save_tp2"], rank, copy_tokenizer=True, step=7,
+                                  written_tp=2, written_pp=1, target_tp=2, target_pp=1)
             del model
             initialize_parallel(1, 2)
             stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -170,17 +184,7 @@ def layouts(rank, world, port, jobs):
                 model = load_model(path, tp=1, pp=2).eval()
                 res[key] = _pp_logits(model, ids, stage)
             if job.get("save_pp2"):
-                dst = job["save_pp2"]
-                if rank == 0:
-                    os.makedirs(os.path.join(dst, "model"))
-                dist.barrier()
-                dist_checkpointing.save(model.sharded_state_dict(), os.path.join(dst, "model"))
-                dist.barrier()
-                if rank == 0:
-                    meta = read_metadata(src)
-                    parallel = dict(meta.parallel, written_tp=1, written_pp=2)
-                    write_metadata(dst, meta.updated(parallel=parallel))
-                dist.barrier()
+                _save_from_layout(model, src, job["save_pp2"], rank, written_tp=1, written_pp=2)
             del model
     finally:
         destroy_parallel()

@@ -41,27 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_nbdiff.checkpoint import ConversionError, convert_hf_to_megatron
+    from megatron_nbdiff.checkpoint import convert_hf_to_megatron
+    from megatron_nbdiff.checkpoint.errors import run_tool
 
-    try:
-        result = convert_hf_to_megatron(
-            args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, mask_token=args.mask_token,
-            mask_token_string=args.mask_token_string, dtype=args.dtype, force=args.force,
-            max_seq_len=args.max_seq_len,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            progress=not args.no_progress,
-        )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions, ...: the output was not written
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    print(result.summary)
-    return 0
+    return run_tool(lambda: convert_hf_to_megatron(
+        args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, mask_token=args.mask_token,
+        mask_token_string=args.mask_token_string, dtype=args.dtype, force=args.force,
+        max_seq_len=args.max_seq_len,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        progress=not args.no_progress,
+    ))
 
 
 if __name__ == "__main__":

@@ -26,24 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_nbdiff.checkpoint import ConversionError, convert_megatron_to_hf
+    from megatron_nbdiff.checkpoint import convert_megatron_to_hf
+    from megatron_nbdiff.checkpoint.errors import run_tool
 
-    try:
-        result = convert_megatron_to_hf(
-            args.megatron_dir, args.out_dir, dtype=args.dtype, force=args.force,
-            max_shard_size=args.max_shard_size, progress=not args.no_progress,
-        )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions, ...: the output was not written
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    print(result.summary)
-    return 0
+    return run_tool(lambda: convert_megatron_to_hf(
+        args.megatron_dir, args.out_dir, dtype=args.dtype, force=args.force,
+        max_shard_size=args.max_shard_size, progress=not args.no_progress,
+    ))
 
 
 if __name__ == "__main__":

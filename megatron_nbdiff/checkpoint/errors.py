@@ -13,3 +13,24 @@ class ConversionError(Exception):
 
 class CheckpointMetadataError(ConversionError):
     """``nbdiff.json`` is missing or says something this reader does not understand."""
+
+
+def run_tool(action) -> int:
+    """Run a conversion for a command-line tool: print its one-line summary and return 0, or print
+    ``error: ...`` and return 2 (bad input), 1 (an OS error: disk full, permissions; nothing was
+    written) or 130 (interrupted)."""
+    import sys
+
+    try:
+        result = action()
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return 130
+    print(result.summary)
+    return 0

@@ -43,7 +43,7 @@ def load_model(
     The metadata is available as ``model.checkpoint_metadata``.
     """
     import torch
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from ..models import NBDiffModel
     from ..parallel import initialize_parallel
@@ -83,13 +83,27 @@ def load_model(
             mc, tc, pre_process=stage == 0, post_process=stage == cur_pp - 1,
             parallel_output=parallel_output, use_te=use_te,
         )
+    load_weights(model, directory, meta, strict=strict)
+    model.checkpoint_metadata = meta
+    return model
+
+
+def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = None,
+                 strict: bool = True) -> None:
+    """Fill an already built :class:`NBDiffModel` (this rank's shard and stage, any layout) with
+    the weights of checkpoint ``directory`` through ``dist_checkpointing.load``."""
+    from megatron.core import dist_checkpointing
+
+    from .. import compat
+
+    meta = meta or read_metadata(directory, kind="megatron")
+    path = weights_dir(directory, meta)
     prefix = meta.weights.get("key_prefix", "")
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), path)
+        with compat.cpu_device_mode():
+            state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), path)
     except Exception as e:  # noqa: BLE001 - megatron/torch raise many kinds for a bad checkpoint
         raise ConversionError(f"cannot load the weights in {path}: {e}") from None
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items()}
     model.gpt.load_state_dict(state, strict=strict)
-    model.checkpoint_metadata = meta
-    return model

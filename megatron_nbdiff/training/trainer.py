@@ -371,17 +371,10 @@ class Trainer:
             self._log(f"resumed from {latest} at step {state['step']}")
             return int(state["step"])
         if self.cfg.checkpoint.init_from:
-            from ..checkpoint.loader import weights_dir
-            from ..checkpoint.metadata import read_metadata
+            from ..checkpoint.loader import load_weights
 
-            src = self.cfg.checkpoint.init_from
-            meta = read_metadata(src, kind="megatron")
-            prefix = meta.weights.get("key_prefix", "")
-            with compat.cpu_device_mode():
-                state = dist_checkpointing.load(self.inner.sharded_state_dict(prefix=prefix),
-                                                weights_dir(src, meta))
-            self.inner.gpt.load_state_dict({k[len(prefix):]: v for k, v in state.items()})
-            self._log(f"initialised from {src}")
+            load_weights(self.inner, self.cfg.checkpoint.init_from)
+            self._log(f"initialised from {self.cfg.checkpoint.init_from}")
         return 0
 
     def save(self, step: int) -> str:
