@@ -94,8 +94,11 @@ def test_resume_is_exact(corpus, tmp_path):
     part = make_config(corpus, tmp_path / "part", checkpoint=dict(save_dir=str(tmp_path / "part"), save_interval=10))
     code, _ = run(part, stop_after=12)  # "killed" after step 11: its last checkpoint is step 10
     assert code == 0
+    stale = tmp_path / "part" / "checkpoints" / "step_0000011.tmp"  # an interrupted save
+    stale.mkdir()
     code, trainer = run(part)  # resumes at 10
     assert code == 0 and trainer.start_step == 10
+    assert not stale.exists()
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(a) == list(range(20))
     for step in range(20):

@@ -347,6 +347,11 @@ class Trainer:
     def _resume_or_init(self) -> int:
         from megatron.core import dist_checkpointing
 
+        if self.rank == 0 and os.path.isdir(self.ckpt_root):
+            # an interrupted save leaves only a .tmp directory: never a checkpoint, so drop it
+            for name in os.listdir(self.ckpt_root):
+                if name.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(self.ckpt_root, name), ignore_errors=True)
         latest = self._latest()
         if latest is not None:
             with open(os.path.join(latest, "trainer_state.json")) as f:
