@@ -101,3 +101,22 @@ def test_missing_input_and_tokenizer(tmp_path, tokenizer_dir):
     src.write_text('{"text": "a"}\n')
     r = run_tool("--input", str(src), "--tokenizer", str(tmp_path / "no_tok"), "--output-prefix", str(tmp_path / "x"))
     assert r.returncode == 2 and "tokenizer not found" in r.stderr
+
+
+def test_sentencepiece_model(tmp_path):
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(DOCS * 20), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+        model_type="unigram", eos_id=2, bos_id=1, unk_id=0, pad_id=-1,
+    )
+    model = str(tmp_path / "sp.model")
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    r = run_tool("--input", str(src), "--tokenizer", model, "--output-prefix", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer(model)
+    ds = IndexedDataset(str(tmp_path / "o"))
+    assert ds[1].tolist()[-1] == tok.eod_id == 2
+    assert tok.decode(ds[1].tolist()[:-1]) == DOCS[1]

@@ -296,3 +296,22 @@ def test_adapting_a_converted_hf_checkpoint_end_to_end(corpus, tmp_path):
     changed = [n for n, p in exported.named_parameters()
                if not torch.equal(p, dict(hf.named_parameters())[n])]
     assert changed  # the adaptation steps moved the weights
+
+
+def test_blended_datasets(corpus, tmp_path):
+    """A weighted blend of two prefixes builds through megatron-core's blended dataset builder."""
+    import shutil
+
+    from megatron_nbdiff.parallel import initialize_parallel
+    from megatron_nbdiff.training.trainer import build_datasets
+
+    initialize_parallel(1, 1)  # megatron's dataset builder asks for the rank
+    for suffix in (".bin", ".idx"):
+        shutil.copy(corpus / "data" / f"c{suffix}", tmp_path / f"d{suffix}")
+    data = make_config(corpus, tmp_path / "run",
+                       data=dict(train=["0.3", str(corpus / "data" / "c"), "0.7", str(tmp_path / "d")]))
+    cfg = RunConfig.from_dict(data)
+    train, _ = build_datasets(cfg, eod=1, vocab_size=cfg.model.vocab_size, cache_dir=str(tmp_path / "cache"))
+    assert type(train).__name__ == "BlendedDataset"
+    assert len(train) >= cfg.train.steps * cfg.train.global_batch_size
+    assert train[0]["tokens"].shape == (cfg.train.seq_len,)
