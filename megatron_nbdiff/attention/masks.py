@@ -201,7 +201,6 @@ def dense_allowed_from_spec(
     """Dense boolean mask (True = may attend): ``[S, S]``, or ``[b, S, S]`` with ``doc_ids``."""
     _check_doc_ids(spec, doc_ids)
     if doc_ids is not None:
-        device = doc_ids.device
         return _dense_with_docs(spec, doc_ids)
     return _dense_cached(spec, torch.device(device) if device is not None else torch.device("cpu"))
 

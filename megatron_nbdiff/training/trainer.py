@@ -173,7 +173,7 @@ class Trainer:
         recipe = cfg.recipe
         self.save_dir = cfg.checkpoint.save_dir
         self.ckpt_root = os.path.join(self.save_dir, "checkpoints")
-        meta = self._read_init_metadata()
+        meta = self.init_meta = self._read_init_metadata()
         mc = cfg.model if cfg.model is not None else (meta and meta.get_model_config())
         if cfg.model is not None and meta is not None and cfg.model.to_dict() != meta.get_model_config().to_dict():
             raise TrainingError(
@@ -378,7 +378,7 @@ class Trainer:
         if self.cfg.checkpoint.init_from:
             from ..checkpoint.loader import load_weights
 
-            load_weights(self.inner, self.cfg.checkpoint.init_from)
+            load_weights(self.inner, self.cfg.checkpoint.init_from, self.init_meta)
             self._log(f"initialised from {self.cfg.checkpoint.init_from}")
         return 0
 
@@ -427,12 +427,12 @@ class Trainer:
         the weights in the checkpoint directory itself. Such checkpoints load with
         ``checkpoint.load_model`` and export with ``tools/convert_megatron_to_hf.py``. Runs from
         random weights have no architecture family to record and write none."""
-        src = self.cfg.checkpoint.init_from
-        if not src:
+        meta = self.init_meta
+        if meta is None:
             return
-        from ..checkpoint.metadata import read_metadata, write_metadata
+        from ..checkpoint.metadata import write_metadata
 
-        meta = read_metadata(src, kind="megatron")
+        src = self.cfg.checkpoint.init_from
         block = self.curriculum.block_size(max(step - 1, 0))
         adapted = meta.updated(
             recipe=self.cfg.recipe.name, step=step, attention_layout=self.cfg.recipe.layout,
@@ -515,7 +515,7 @@ class Trainer:
 
     def _seq_length(self, block_size: int) -> int:
         L = self.cfg.train.seq_len
-        dual = self.cfg.recipe.dual and not (block_size == 1 and self.cfg.recipe.name != "ar")
+        dual = self.cfg.recipe.dual and block_size > 1  # block size 1 runs the clean stream only
         return 2 * L if dual else L
 
     def _run_batches(self, step: int, block_size: int, batches: list, forward_only: bool):
