@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_nbdiff.attention import MaskSpec
-from megatron_nbdiff.attention.core_attention import _flex, block_diffusion_attention
+from megatron_nbdiff.attention.core_attention import _flex, block_diffusion_attention, configure_flex
 from megatron_nbdiff.attention.flex import block_mask_for
 from megatron_nbdiff.attention.masks import dense_allowed_from_spec
 
@@ -68,6 +68,14 @@ def timed(fn, repeats: int, backward: bool, device: str) -> tuple[float, int]:
     return statistics.median(times), peak
 
 
+# FlexAttention settings tried by --sweep: (label, kernel_options, torch.compile mode)
+SWEEP = [
+    ("tma", {"USE_TMA": True}, None),
+    ("fwd128x64", {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 3}, None),
+    ("autotune", None, "max-autotune-no-cudagraphs"),
+]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,6 +86,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="GPU 20, CPU 5")
     p.add_argument("--skip-dense", action="store_true", help="skip the O(L^2)-memory dense variant")
+    p.add_argument("--sweep", action="store_true",
+                   help="GPU: also time the flex variants under other kernel options / compile modes")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     L = args.seq_len or (4096 if gpu else 512)
@@ -114,15 +124,25 @@ def main(argv=None):
     for name, fn, pairs in variants:
         sec, peak = timed(fn, repeats, backward, args.device)
         rows.append((name, sec, pairs * flops_per_pair / sec / 1e12, peak))
+    if args.sweep and gpu:
+        for label, options, mode in SWEEP:
+            try:
+                configure_flex(options, mode)
+                for name, fn, pairs in variants[:2]:
+                    sec, peak = timed(fn, repeats, backward, args.device)
+                    rows.append((f"{name} {label}", sec, pairs * flops_per_pair / sec / 1e12, peak))
+            except Exception as exc:  # an option this torch does not take: report, go on
+                print(f"sweep {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        configure_flex()
     ref = next(r for r in rows if r[0] == "causal sdpa")
     name = torch.cuda.get_device_name() if gpu else "CPU"
     print(f"# dual_context_causal attention, {name}, {datetime.date.today()}")
     print(f"# L={L} (2L={S}), B={args.block_size}, batch={args.batch}, {heads} heads x {args.head_dim}, "
           f"{str(dtype).replace('torch.', '')}, {'fwd+bwd' if backward else 'fwd only'}, "
           f"median of {repeats}; allowed pairs {pairs_mask:,} vs causal {pairs_causal:,}")
-    print(f"{'variant':<13} {'ms':>9} {'TFLOP/s':>9} {'vs causal':>10} {'peak MiB':>9}")
+    print(f"{'variant':<23} {'ms':>9} {'TFLOP/s':>9} {'vs causal':>10} {'peak MiB':>9}")
     for name, sec, tflops, peak in rows:
-        print(f"{name:<13} {sec * 1e3:>9.3f} {tflops:>9.2f} {tflops / ref[2]:>9.2f}x {peak / 2**20:>9.1f}")
+        print(f"{name:<23} {sec * 1e3:>9.3f} {tflops:>9.2f} {tflops / ref[2]:>9.2f}x {peak / 2**20:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -102,10 +102,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    sample_index: dict = {}
 
     def call(tokens: torch.Tensor, loss_mask: torch.Tensor, backend: str):
+        # sample indices already on the device, as the trainer passes them: an int here would
+        # add a host-to-device copy to every call and time the wrapper, not the kernel
+        if sample_index.get(tokens.shape[0]) is None:
+            sample_index[tokens.shape[0]] = torch.arange(tokens.shape[0], device=tokens.device)
         return mask_tokens(
-            tokens, block_size=args.block_size, mask_token_id=150_000, seed=1234, step=7, sample_index=0,
+            tokens, block_size=args.block_size, mask_token_id=150_000, seed=1234, step=7,
+            sample_index=sample_index[tokens.shape[0]],
             loss_mask=loss_mask, t_sampling=args.t_sampling, backend=backend, validate=False,
         )  # fmt: skip
 

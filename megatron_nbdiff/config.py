@@ -242,6 +242,17 @@ class CheckpointConfig:
     """Steps between checkpoints (0: only at the end and on a signal)."""
     keep: int = 2
     """Checkpoints kept (the newest ones)."""
+    optimizer_format: str = "dp_reshardable"
+    """Layout of the distributed optimizer's state in checkpoints (megatron-core's
+    ``distrib_optim_sharding_type``): ``dp_reshardable`` (fast; resume at the same TP/PP, any DP)
+    or ``fully_reshardable`` (gathered on save; resume at any TP/PP/DP)."""
+
+    def __post_init__(self):
+        if self.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ValueError(
+                "checkpoint.optimizer_format must be 'dp_reshardable' or 'fully_reshardable', "
+                f"found {self.optimizer_format!r}"
+            )
 
 
 @dataclasses.dataclass

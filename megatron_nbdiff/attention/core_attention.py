@@ -37,6 +37,20 @@ from .masks import DUAL_LAYOUTS, MaskSpec, dense_allowed_from_spec
 BACKENDS = ("dense", "flex")
 
 _compiled_flex = None
+# How FlexAttention is compiled on CUDA: ``kernel_options`` go to every call (for example
+# ``{"USE_TMA": True}`` or block sizes ``fwd_BLOCK_M``...), ``mode`` to ``torch.compile``
+# (``"max-autotune-no-cudagraphs"`` autotunes the kernel's tile configs). Set with
+# :func:`configure_flex`; benchmarks/attention.py --sweep measures the choices.
+_flex_settings: dict = {"kernel_options": None, "mode": None}
+
+
+def configure_flex(kernel_options: Optional[dict] = None, mode: Optional[str] = None) -> None:
+    """Choose FlexAttention's kernel options and compile mode (drops the compiled function)."""
+    global _compiled_flex
+    _flex_settings["kernel_options"] = dict(kernel_options) if kernel_options else None
+    _flex_settings["mode"] = mode
+    _compiled_flex = None
+    torch._dynamo.reset()  # compiled frames of the previous settings must not be reused
 
 
 def _flex(q, k, v, block_mask, scale):
@@ -49,8 +63,13 @@ def _flex(q, k, v, block_mask, scale):
         )
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+            # one compiled kernel per (shape, layout, block size, mask part): the curriculum and
+            # eval shapes alone can pass dynamo's default limit of 8
+            if torch._dynamo.config.recompile_limit < 64:
+                torch._dynamo.config.recompile_limit = 64
+            _compiled_flex = torch.compile(flex_attention, dynamic=False, mode=_flex_settings["mode"])
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                              kernel_options=_flex_settings["kernel_options"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)

@@ -19,12 +19,12 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from .masks import DUAL_LAYOUTS, MaskSpec, _check_doc_ids, allowed
+from .masks import ANNEAL_FULL, DUAL_LAYOUTS, MaskSpec, _check_doc_ids, allowed, anneal_salt, salted_anneal_hash
 
 PARTS = ("full", "noisy", "clean")
 
 
-def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Tensor] = None):
+def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Tensor] = None, device=None):
     """FlexAttention ``mask_mod`` for one query group of ``spec``.
 
     ``part``: ``"full"`` (all ``total_len`` queries and keys), ``"noisy"`` (dual only: the ``L``
@@ -36,6 +36,20 @@ def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Ten
     if part != "full" and spec.layout not in DUAL_LAYOUTS:
         raise ValueError(f"part {part!r} exists only for dual layouts, not {spec.layout!r}")
     off = spec.seq_len if part == "clean" else 0
+    if spec.layout == "single_annealed" and spec.anneal_threshold < ANNEAL_FULL:
+        # the step-dependent numbers travel as tensors, not Python ints: torch.compile guards on
+        # a closure's ints and would recompile the kernel at every training step
+        dev = doc_ids.device if doc_ids is not None else device
+        salt = torch.tensor(anneal_salt(spec.anneal_step, spec.anneal_seed), dtype=torch.int64, device=dev)
+        thr = torch.tensor(spec.anneal_threshold, dtype=torch.int64, device=dev)
+
+        def annealed_mask_mod(b, h, q_idx, kv_idx):
+            ok = (kv_idx <= q_idx) | (salted_anneal_hash(salt, q_idx, kv_idx) < thr)
+            if doc_ids is not None:
+                ok = ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+            return ok
+
+        return annealed_mask_mod
 
     def mask_mod(b, h, q_idx, kv_idx):
         return allowed(spec, b, q_idx + off, kv_idx + off, doc_ids)
@@ -63,7 +77,7 @@ def block_mask_for(
     if doc_ids is not None:
         q_len, kv_len = part_shape(spec, part)
         return create_block_mask(
-            mask_mod_for(spec, part, doc_ids),
+            mask_mod_for(spec, part, doc_ids, device=doc_ids.device),
             doc_ids.shape[0],
             None,
             q_len,
@@ -79,7 +93,7 @@ def block_mask_for(
 def _cached_block_mask(spec: MaskSpec, part: str, device: torch.device, block: int) -> BlockMask:
     q_len, kv_len = part_shape(spec, part)
     return create_block_mask(
-        mask_mod_for(spec, part), None, None, q_len, kv_len, device=device, BLOCK_SIZE=block
+        mask_mod_for(spec, part, device=device), None, None, q_len, kv_len, device=device, BLOCK_SIZE=block
     )
 
 

@@ -54,6 +54,7 @@ DUAL_LAYOUTS = ("dual_context_causal", "dual_block_causal")
 # 24 bits compared with an integer threshold round(step / K * 2**24).
 _M32 = 0xFFFFFFFF
 _ANNEAL_BITS = 24
+ANNEAL_FULL = 1 << _ANNEAL_BITS  # threshold at which every annealed edge is open
 
 
 def check_layout(layout: str) -> str:
@@ -120,11 +121,21 @@ class MaskSpec:
         return int(round(self.anneal_step / self.anneal_steps * full))
 
 
+def anneal_salt(step: int, seed: int) -> int:
+    """The (step, seed) part of the annealing hash, a 32-bit integer."""
+    return (step * 0x27D4EB2F + seed * 0x165667B1 + 0x3C6EF372) & _M32
+
+
 def anneal_hash(step: int, seed: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """24-bit hash of (seed, step, q, k) as an int64 tensor; pure tensor ops (FlexAttention-safe)."""
+    return salted_anneal_hash(anneal_salt(step, seed), q, k)
+
+
+def salted_anneal_hash(salt, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """:func:`anneal_hash` from a precomputed salt (an int or an int64 tensor: a tensor keeps a
+    compiled FlexAttention kernel valid across training steps)."""
     q = q.to(torch.int64)
     k = k.to(torch.int64)
-    salt = (step * 0x27D4EB2F + seed * 0x165667B1 + 0x3C6EF372) & _M32
     h = (q * 0x9E3779B1 + k * 0x85EBCA77 + salt) & _M32
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & _M32

@@ -321,7 +321,7 @@ class Trainer:
             lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
         )
         n_local = sum(p.numel() for p in self.model.parameters())
-        totals = torch.tensor([n_local], dtype=torch.float64)
+        totals = torch.tensor([n_local], dtype=torch.float64, device=self.device)  # nccl needs device tensors
         # parameters over the model-parallel group (TP shards and PP stages)
         from megatron.core import parallel_state as ps
 
@@ -340,9 +340,36 @@ class Trainer:
             raise TrainingError(f"{pointer} names {name}, which is not a complete checkpoint")
         return path
 
-    def _sharded_state(self, loading: bool = False) -> dict:
+    def _sharded_state(self, loading: bool = False, optimizer_format: Optional[str] = None) -> dict:
+        """Model and optimizer state for dist_checkpointing. The distributed optimizer's state is
+        laid out as ``optimizer_format`` (megatron-core's ``distrib_optim_sharding_type``):
+        ``dp_reshardable`` (fast, resumable at another DP size) or ``fully_reshardable``
+        (gathered on save, resumable at any TP/PP/DP); the plain optimizer ignores it."""
         model_sd = self.inner.sharded_state_dict()
-        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+        metadata = {
+            "distrib_optim_sharding_type": optimizer_format or self.cfg.checkpoint.optimizer_format,
+            "chained_optim_avoid_prefix": True,
+        }
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)}
+
+    def _materialise_optimizer_state(self) -> None:
+        """Give a fresh distributed optimizer its Adam state before a checkpoint is loaded into it.
+
+        Without Apex or Transformer Engine, megatron-core's DistributedOptimizer reads the torch
+        Adam ``step`` of every parameter when it builds its state dict, and a fresh optimizer has
+        none. One Adam step on zero gradients of the fp32 main parameters creates the state
+        tensors; the load then overwrites all of them (and the main parameters).
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if type(opt).__name__ != "DistributedOptimizer" or inner is None or len(inner.state) > 0:
+                continue
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
 
     def _resume_or_init(self) -> int:
         from megatron.core import dist_checkpointing
@@ -366,7 +393,8 @@ class Trainer:
                 # for a loading state dict would create empty ones)
                 wanted = {"model": self.inner.sharded_state_dict()}
             else:
-                wanted = self._sharded_state(loading=True)
+                self._materialise_optimizer_state()
+                wanted = self._sharded_state(loading=True, optimizer_format=state.get("optimizer_format"))
             with compat.cpu_device_mode():
                 loaded = dist_checkpointing.load(wanted, latest)
             self.inner.gpt.load_state_dict(loaded["model"])
@@ -404,6 +432,7 @@ class Trainer:
                 recipe=dataclasses.asdict(self.cfg.recipe), block_size=self.curriculum.block_size(step),
                 model=self.model_config.to_dict(), mask_token_id=self.mask_token_id,
                 eod_token_id=self.eod_id, config=self.cfg.to_dict(),
+                optimizer_format=self.cfg.checkpoint.optimizer_format,
             )
             with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
                 json.dump(record, f, indent=1)
