@@ -180,6 +180,8 @@ class BlockDiffusionAttention(MegatronModule):
         )
         # Set by the model wrapper before each forward; None means plain causal attention.
         self.mask_spec: Optional[MaskSpec] = None
+        # Set by the Megatron decoding runner: a KV cache and an explicit mask (see KVInference).
+        self.inference: Optional[KVInference] = None
 
     def forward(
         self,
@@ -197,6 +199,8 @@ class BlockDiffusionAttention(MegatronModule):
                 "ids as attention_mask for packed documents"
             )
         sq, b, nh, hn = query.shape
+        if self.inference is not None:
+            return self._inference_forward(query, key, value)
         spec = self.mask_spec if self.mask_spec is not None else MaskSpec("causal", sq)
         if spec.total_len != sq or key.shape[0] != sq:
             raise ValueError(
@@ -211,3 +215,36 @@ class BlockDiffusionAttention(MegatronModule):
         out = block_diffusion_attention(q, k, v, spec, doc_ids, self.backend, self.softmax_scale)
         # [b, h, s, d] -> [s, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+    def _inference_forward(self, query, key, value) -> torch.Tensor:
+        """Decoding: the new positions attend over this layer's cached keys plus their own, under
+        the runner's boolean mask ``[b, 1, new, cached + new]``; ``append`` keeps their KV."""
+        state = self.inference
+        sq, b, nh, hn = query.shape
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        past = state.store.get(self.layer_number)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        if state.append:
+            state.store[self.layer_number] = (k, v)
+        if state.mask.shape[-1] != k.shape[2] or state.mask.shape[-2] != sq:
+            raise ValueError(
+                f"decoding mask {tuple(state.mask.shape)} does not match {sq} queries over "
+                f"{k.shape[2]} keys (layer {self.layer_number})"
+            )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.mask, scale=self.softmax_scale,
+                                             enable_gqa=True)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
+
+
+class KVInference:
+    """Decoding state shared by every core attention of a model: per-layer ``(k, v)`` tensors
+    ``[b, groups, positions, head_dim]``, the mask of the current call and whether its KV is kept."""
+
+    def __init__(self):
+        self.store: dict = {}
+        self.mask: Optional[torch.Tensor] = None
+        self.append: bool = False

@@ -27,8 +27,9 @@ class PositionRopeGPTModel(GPTModel):
     """``GPTModel`` whose rotary embedding follows ``position_ids`` instead of ``0..S-1``.
 
     megatron-core computes RoPE for positions ``0..S-1`` whatever ``position_ids`` say; the dual
-    stream needs ``0..L-1`` twice. Rows of ``position_ids`` must be identical (the rotary table is
-    shared by the batch), which the wrapper guarantees.
+    stream needs ``0..L-1`` twice. Identical rows share one ``[S, 1, 1, dim]`` table (training);
+    rows that differ (a left-padded decoding batch) get ``[S, b, 1, dim]``, which megatron's
+    unfused rotary application broadcasts over heads.
     """
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
@@ -38,7 +39,11 @@ class PositionRopeGPTModel(GPTModel):
             return out
         # [max_len, 1, 1, dim] table, indexed by this batch's positions -> [S, 1, 1, dim]
         table = self.rotary_pos_emb(self.max_sequence_length)
-        rotary = table.index_select(0, position_ids[0].to(table.device))
+        pos = position_ids.to(table.device)
+        if pos.shape[0] == 1 or bool((pos == pos[:1]).all()):
+            rotary = table.index_select(0, pos[0])
+        else:  # rows at different positions (left-padded decoding batches): [S, b, 1, dim]
+            rotary = table[:, 0, 0][pos.t()].unsqueeze(2)
         return (out[0], rotary) + tuple(out[2:])
 
 

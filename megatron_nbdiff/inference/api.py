@@ -1,0 +1,138 @@
+"""``generate(model, prompts, **options)``: the Python entry point of decoding."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+from .decode import DecodeOptions, block_decode, full_decode
+from .runner import DecodingError, ModelRunner
+
+SINGLE_STREAM_LAYOUTS = ("single_annealed", "bidirectional")
+
+
+def _resolve_training_dir(path: str) -> str:
+    """A training ``save_dir`` (or its ``checkpoints`` folder) means its latest checkpoint."""
+    for root in (os.path.join(path, "checkpoints"), path):
+        pointer = os.path.join(root, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                return os.path.join(root, f.read().strip())
+    return path
+
+
+def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cache: bool = True,
+                tp: Optional[int] = None) -> ModelRunner:
+    """A runner for an exported HF directory, a Megatron checkpoint, or a training run folder
+    (its latest checkpoint). HF directories without ``nbdiff.json`` load for AR decoding only."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DecodingError(f"model must be a checkpoint directory or a ModelRunner, found {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DecodingError(f"model directory not found: {path}")
+    path = _resolve_training_dir(path)
+    meta_path = os.path.join(path, "nbdiff.json")
+    kind = None
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                kind = json.load(f).get("kind")
+        except (OSError, ValueError) as exc:
+            raise DecodingError(f"cannot read {meta_path}: {exc}") from None
+    if kind == "megatron":
+        from .megatron_runner import MegatronRunner
+
+        return MegatronRunner.from_checkpoint(path, tp=tp, dtype=dtype, use_cache=use_cache)
+    if kind in (None, "hf") and os.path.isfile(os.path.join(path, "config.json")):
+        from .hf_runner import HFRunner
+
+        return HFRunner.from_pretrained(path, device=device, dtype=dtype, use_cache=use_cache)
+    if kind is None:
+        raise DecodingError(
+            f"{path} has neither nbdiff.json nor config.json: not an exported HF model, a converted "
+            "or adapted Megatron checkpoint, or a training run folder"
+        )
+    raise DecodingError(f"{meta_path}: unknown checkpoint kind {kind!r}")
+
+
+def _to_ids(x: Union[str, Sequence[int]], runner: ModelRunner, what: str) -> list[int]:
+    if isinstance(x, str):
+        if runner.tokenizer is None:
+            raise DecodingError(f"{what} is text but {runner.info.source} has no tokenizer: pass token ids")
+        return runner.tokenizer.encode(x)
+    try:
+        ids = [int(t) for t in x]
+    except (TypeError, ValueError):
+        raise DecodingError(f"{what} must be a string or a list of token ids, found {x!r}") from None
+    return ids
+
+
+def generate(model: Union[str, ModelRunner], prompts: Union[str, Sequence[Any]], **options: Any) -> list[dict]:
+    """Decode ``prompts`` (strings or lists of token ids) with ``model`` (a checkpoint directory or
+    a loaded runner). Options use the CLI's names: ``mode`` (block, full, ar), ``block_size``,
+    ``threshold``, ``sub_blocks``, ``confidence``, ``max_new_tokens``, ``temperature`` (0: greedy),
+    ``top_p``, ``steps``, ``suffix``, ``seed``, ``stop_at_eos``; loading options ``device``,
+    ``dtype``, ``use_cache``, ``tp``. Returns one ``{"token_ids", "text", "stats"}`` per prompt
+    (``token_ids``: generated ids only; ``text`` when a tokenizer is present)."""
+    load_keys = {"device", "dtype", "use_cache", "tp"}
+    fields = {f.name for f in dataclasses.fields(DecodeOptions)}
+    unknown = sorted(set(options) - fields - load_keys)
+    if unknown:
+        raise DecodingError(f"unknown option(s) {unknown}; known: {sorted(fields | load_keys)}")
+    if isinstance(model, ModelRunner):
+        runner = model
+    else:
+        runner = load_runner(model, **{k: v for k, v in options.items() if k in load_keys})
+    opts = DecodeOptions(**{k: v for k, v in options.items() if k in fields})
+    opts.validate()
+    info = runner.info
+    if isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+    ):
+        prompts = [prompts]
+    if not prompts:
+        raise DecodingError("no prompts given")
+    ids = [_to_ids(p, runner, f"prompt {i}") for i, p in enumerate(prompts)]
+    for i, p in enumerate(ids):
+        if not p:
+            raise DecodingError(f"prompt {i} is empty")
+    if opts.suffix is not None:
+        opts.suffix = _to_ids(opts.suffix, runner, "suffix")
+    if opts.mode != "ar" and not info.has_metadata:
+        raise DecodingError(
+            f"{info.source} has no nbdiff.json, so its block size and mask token are unknown: "
+            f"mode {opts.mode!r} cannot run; mode 'ar' (plain autoregressive decoding) still works"
+        )
+    if opts.mode == "ar":
+        if opts.block_size not in (None, 1):
+            raise DecodingError(f"mode 'ar' decodes one token per pass; block_size {opts.block_size} needs mode 'block'")
+        results = block_decode(runner, ids, opts, block_size=1)
+    elif opts.mode == "block":
+        bs = opts.block_size or info.block_size or 1
+        if info.block_size is not None and bs != info.block_size:
+            warnings.warn(
+                f"block size {bs} differs from the {info.block_size} the model in {info.source} was "
+                "trained for; expect lower quality", stacklevel=2,
+            )
+        if info.layout in SINGLE_STREAM_LAYOUTS:
+            warnings.warn(
+                f"{info.source} was trained with the single-stream layout {info.layout!r}: mode 'full' "
+                "is its native decoding", stacklevel=2,
+            )
+        results = block_decode(runner, ids, opts, block_size=bs)
+    else:
+        if info.layout not in SINGLE_STREAM_LAYOUTS:
+            warnings.warn(
+                f"{info.source} was trained with layout {info.layout!r}, not a single-stream one: "
+                "full-sequence decoding is outside its training", stacklevel=2,
+            )
+        results = full_decode(runner, ids, opts)
+    out = []
+    for r in results:
+        item = {"token_ids": r.token_ids, "stats": r.stats}
+        if runner.tokenizer is not None:
+            item["text"] = runner.tokenizer.decode(r.token_ids)
+        out.append(item)
+    return out
