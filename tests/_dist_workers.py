@@ -208,3 +208,13 @@ def train_first_losses(rank, data, tp=1, pp=1, steps=2):
     torch.distributed.barrier()
     with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
         return [_json.loads(line)["loss"] for line in f]
+
+
+def tp_decode(rank, meg_dir, prompts, runs):
+    """Block decoding through the Megatron runner at TP=2: token ids of each run's options."""
+    from megatron_nbdiff.inference import generate, load_runner
+    from megatron_nbdiff.parallel import initialize_parallel
+
+    initialize_parallel(2, 1)
+    runner = load_runner(meg_dir, tp=2)
+    return [[r["token_ids"] for r in generate(runner, prompts, **kw)] for kw in runs]

@@ -265,3 +265,17 @@ def test_cli(ckpts, tmp_path):
     bad.write_text("{not json\n")
     r = run_cli("--model", ckpts["exp"], "--prompt-file", str(bad))
     assert r.returncode == 2 and "bad.jsonl line 1" in r.stderr
+
+
+def test_megatron_runner_at_tp2_equals_hf(ckpts, hf_runner, tmp_path):
+    from _dist_workers import run_two_process
+
+    from megatron_nbdiff.inference import generate
+
+    ps = prompts(3, seed=9)
+    runs = [dict(threshold=0.5, max_new_tokens=10, stop_at_eos=False),
+            dict(mode="ar", max_new_tokens=6, stop_at_eos=False)]
+    results = run_two_process("tp_decode", str(tmp_path), meg_dir=ckpts["meg"], prompts=ps, runs=runs)
+    assert results[0] == results[1]
+    for kw, got in zip(runs, results[0]):
+        assert got == [x["token_ids"] for x in generate(hf_runner, ps, **kw)], kw

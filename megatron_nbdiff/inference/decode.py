@@ -95,12 +95,12 @@ class Decoded:
 def choose(logits: torch.Tensor, opts: DecodeOptions, mask_token_id: Optional[int],
            generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens and confidences for logits ``[..., V]`` (greedy or temperature / top-p)."""
-    logits = logits.float()
-    if mask_token_id is not None:
-        logits = logits.clone()
-        logits[..., mask_token_id] = float("-inf")
     if opts.temperature > 0:
-        logits = logits / opts.temperature
+        logits = logits.float() / opts.temperature  # a new tensor
+    else:
+        logits = logits.float().clone()
+    if mask_token_id is not None:
+        logits[..., mask_token_id] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     if opts.temperature > 0:
         flat = probs.reshape(-1, probs.shape[-1])
@@ -166,7 +166,7 @@ def block_decode(runner: ModelRunner, prompts: Sequence[Sequence[int]], opts: De
         # sub-block of every position (position 0 is filled already)
         sub = (torch.arange(n, device=runner.device) * opts.sub_blocks) // max(n, 1)
         while not bool(filled.all()):
-            work = ~filled.all(1)
+            work = (~filled.all(1)).tolist()  # one host sync per pass
             lg = runner.denoise(block)
             for i in range(b):
                 if work[i] and not done[i]:
@@ -181,9 +181,9 @@ def block_decode(runner: ModelRunner, prompts: Sequence[Sequence[int]], opts: De
             cand = open_ & (sub[1:][None] == current)
             conf = torch.where(cand, conf, torch.full_like(conf, -1.0))
             commit = cand & (conf >= opts.threshold)
-            best = conf.argmax(1)
-            has = cand.any(1)
-            commit[torch.arange(b, device=runner.device)[has], best[has]] = True
+            # the most confident candidate of every row that has one (no host sync)
+            best = torch.zeros_like(commit).scatter_(1, conf.argmax(1, keepdim=True), True)
+            commit |= best & cand.any(1, keepdim=True)
             block[:, 1:] = torch.where(commit, tok, block[:, 1:])
             filled[:, 1:] |= commit
         produced += n

@@ -75,6 +75,8 @@ class ModelRunner:
         self._ids: Optional[torch.Tensor] = None  # [b, past] history (padding included)
         self._valid: Optional[torch.Tensor] = None  # [b, past] real tokens
         self._next_pos: Optional[torch.Tensor] = None  # [b] position id of the next token
+        self._mask_key = None  # (past, n, block, padded) of the cached mask
+        self._mask: Optional[torch.Tensor] = None
 
     # -- subclass hooks ---------------------------------------------------------------------------
     def _reset_cache(self) -> None:
@@ -113,6 +115,7 @@ class ModelRunner:
         self._ids = ids[:, :0].to(self.device)
         self._valid = valid[:, :0].to(self.device)
         self._next_pos = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        self._mask_key = None
         self._reset_cache()
         return self._run(ids.to(self.device), valid.to(self.device), block=False, append=True)[:, -1]
 
@@ -147,6 +150,7 @@ class ModelRunner:
         b, n = new_ids.shape
         if b != self.batch_size:
             raise DecodingError(f"block has {b} rows, the batch has {self.batch_size}")
+        new_valid_given = new_valid is not None
         if new_valid is None:
             new_valid = torch.ones(b, n, dtype=torch.bool, device=self.device)
         past = self.past_length
@@ -154,7 +158,11 @@ class ModelRunner:
         new_pos = self._next_pos[:, None] + (new_valid.long().cumsum(1) - 1).clamp(min=0)
         block_start = past if block else None
         if self.use_cache:
-            mask = attention_mask(key_valid, past, block_start)
+            # the denoising passes of a block share one mask: build it once per (past, n, kind)
+            key = (past, n, block, new_valid_given)
+            if self._mask_key != key:
+                self._mask_key, self._mask = key, attention_mask(key_valid, past, block_start)
+            mask = self._mask
             logits = self._forward(new_ids, new_pos, mask, past=past, cached=True, append=append)
         else:
             all_ids = torch.cat([self._ids, new_ids], 1)
