@@ -1,11 +1,12 @@
 # Fresh-machine entry points. `make test` creates .venv if missing, installs the pinned
-# dependencies and the project (with its C++ extension) and runs the CPU test suite.
+# dependencies and the project (with its C++ extension) and runs the CPU test suite;
+# `make quickstart` installs the same and runs the whole pipeline on an embedded default.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbdiff-installed
 
-.PHONY: test install clean
+.PHONY: test install quickstart clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -21,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
+
+# The whole pipeline on an embedded default (CPU, under 15 minutes with the install).
+quickstart: $(STAMP)
+	$(VPY) examples/quickstart/quickstart.py --workdir runs/quickstart
 
 clean:
 	rm -rf build *.egg-info megatron_nbdiff/*.so

@@ -104,6 +104,9 @@ def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = Non
             state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), path)
     except Exception as e:  # noqa: BLE001 - megatron/torch raise many kinds for a bad checkpoint
         raise ConversionError(f"cannot load the weights in {path}: {e}") from None
+    # a training checkpoint also holds the optimizer; its non-sharded part comes back with the
+    # common state of any load and is not a model weight
+    state.pop("optimizer", None)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items()}
     model.gpt.load_state_dict(state, strict=strict)
