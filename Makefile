@@ -11,10 +11,10 @@ STAMP := $(VENV)/.nbdiff-installed
 $(VPY):
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(VPY) requirements.txt setup.py $(wildcard csrc/*)
+$(STAMP): $(VPY) requirements.txt requirements-eval.txt setup.py $(wildcard csrc/*)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q -r requirements.txt -r requirements-eval.txt
 	$(VPY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
