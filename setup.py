@@ -50,7 +50,7 @@ setup(
     version="0.1.0",
     description="Block-diffusion adaptation of autoregressive LLMs on megatron-core",
     packages=find_packages(include=["megatron_nbdiff", "megatron_nbdiff.*"]),
-    package_data={"megatron_nbdiff.evaluation": ["tasks/*.yaml", "tasks/*.jsonl"]},
+    package_data={"megatron_nbdiff.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     python_requires=">=3.11",
     ext_modules=ext_modules,
     cmdclass=cmdclass,
