@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_session.sh [steps...]      # default: build tests attention noise train
 #
-# Steps: build, tests, attention, noise, train, decode. TESTS=paths narrows the GPU
+# Steps: build, tests, attention, noise, train, decode, compare. TESTS=paths narrows the GPU
 # tests, ATTN_ARGS adds benchmark options (e.g. --sweep).
 set -u
 export PYTHONUNBUFFERED=1
@@ -46,6 +46,7 @@ for s in "${steps[@]}"; do
     noise) run_step noise 60 $PY benchmarks/noise.py ;;
     train) run_step train 300 $PY benchmarks/train_step.py ;;
     decode) run_step decode 300 $PY benchmarks/decode.py ;;
+    compare) run_step compare 580 $PY examples/recipe_comparison/run.py --out "$LOG/compare" ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import zlib
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -109,9 +110,13 @@ def write_jsonl(path: str, docs: list[str]) -> None:
             f.write(json.dumps({"text": d}) + "\n")
 
 
-def make_hf_init(directory: str, vocab: int, tokenizer_dir: str) -> None:
+def make_hf_init(directory: str, vocab: int, tokenizer_dir: str, model: Optional[dict] = None) -> None:
+    """A randomly initialised HF Llama of shape ``model`` (default: the quickstart's), with the
+    tokenizer files beside it."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    MODEL = model or globals()["MODEL"]  # noqa: N806 - the module default's name
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=MODEL["hidden_size"],
                       intermediate_size=MODEL["ffn_hidden_size"], num_hidden_layers=MODEL["num_layers"],
@@ -126,15 +131,16 @@ def make_hf_init(directory: str, vocab: int, tokenizer_dir: str) -> None:
 
 
 def train(name: str, init_from: str, save_dir: str, data_prefix: str, tokenizer: str, recipe: dict,
-          steps: int, lr: float) -> str:
+          steps: int, lr: float, seq: int = SEQ, micro_batch: int = 8, global_batch: int = 16,
+          dtype: str = "fp32") -> str:
     from megatron_nbdiff.config import RunConfig
     from megatron_nbdiff.training.trainer import Trainer
 
     cfg = RunConfig.from_dict(dict(
         recipe=recipe,
         data=dict(train=[data_prefix], tokenizer=tokenizer, split="98,2,0"),
-        train=dict(steps=steps, micro_batch_size=8, global_batch_size=16, seq_len=SEQ, lr=lr,
-                   min_lr=lr / 10, warmup_steps=20, log_interval=25, dtype="fp32"),
+        train=dict(steps=steps, micro_batch_size=micro_batch, global_batch_size=global_batch, seq_len=seq, lr=lr,
+                   min_lr=lr / 10, warmup_steps=20, log_interval=25, dtype=dtype),
         checkpoint=dict(init_from=init_from, save_dir=save_dir, save_interval=0),
     ))
     t0 = time.time()
