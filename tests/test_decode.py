@@ -279,3 +279,10 @@ def test_megatron_runner_at_tp2_equals_hf(ckpts, hf_runner, tmp_path):
     assert results[0] == results[1]
     for kw, got in zip(runs, results[0]):
         assert got == [x["token_ids"] for x in generate(hf_runner, ps, **kw)], kw
+
+
+def test_bad_dtype_is_named(ckpts):
+    from megatron_nbdiff.inference import DecodingError, load_runner
+
+    with pytest.raises(DecodingError, match="dtype must be one of"):
+        load_runner(ckpts["exp"], dtype="fp8")

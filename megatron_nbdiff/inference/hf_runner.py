@@ -50,9 +50,9 @@ class HFRunner(ModelRunner):
                 meta = read_metadata(directory, kind="hf")
             except CheckpointMetadataError as exc:
                 raise DecodingError(str(exc)) from None
-        torch_dtype = _DTYPES[dtype] if dtype else (_DTYPES[meta.dtype] if meta else torch.float32)
         if dtype and dtype not in _DTYPES:
             raise DecodingError(f"dtype must be one of {sorted(_DTYPES)}, found {dtype!r}")
+        torch_dtype = _DTYPES[dtype] if dtype else (_DTYPES[meta.dtype] if meta else torch.float32)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
