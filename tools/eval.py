@@ -94,31 +94,26 @@ def _finite(obj):
 
 
 def read_prompts(path: str, limit, tokenizer) -> list:
+    """Prompts from a JSONL file (``prompt`` or ``prompt_ids`` per line) or a text file (one
+    prompt per line)."""
     from megatron_nbdiff.evaluation import EvaluationError
+    from megatron_nbdiff.inference import read_prompt_file
 
-    if not os.path.isfile(path):
-        raise EvaluationError(f"prompt file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith((".jsonl", ".json")):
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise EvaluationError(f"{path} line {n}: not JSON ({exc})") from None
-                if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
-                    raise EvaluationError(f"{path} line {n}: expected an object with 'prompt' or 'prompt_ids'")
-                prompt = row["prompt_ids"] if "prompt_ids" in row else row["prompt"]
-            else:
-                prompt = line.rstrip("\n")
-            if isinstance(prompt, str) and tokenizer is None:
-                raise EvaluationError(f"{path} line {n}: a text prompt, but the model has no tokenizer: use prompt_ids")
-            rows.append(prompt)
-    if not rows:
-        raise EvaluationError(f"{path} holds no prompts")
-    return rows[:limit] if limit else rows
+    if path.endswith((".jsonl", ".json")):
+        rows = [(n, row["prompt_ids"] if "prompt_ids" in row else row["prompt"])
+                for n, row in read_prompt_file(path)]
+    else:
+        if not os.path.isfile(path):
+            raise EvaluationError(f"prompt file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            rows = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+        if not rows:
+            raise EvaluationError(f"{path} holds no prompts")
+    for n, prompt in rows:
+        if isinstance(prompt, str) and tokenizer is None:
+            raise EvaluationError(f"{path} line {n}: a text prompt, but the model has no tokenizer: use prompt_ids")
+    prompts = [prompt for _, prompt in rows]
+    return prompts[:limit] if limit else prompts
 
 
 def default_prompts(sequences, tokenizer, limit) -> tuple[list, str]:

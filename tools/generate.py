@@ -43,34 +43,12 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompts(path: str) -> list[dict]:
-    from megatron_nbdiff.inference import DecodingError
-
-    if not os.path.isfile(path):
-        raise DecodingError(f"prompt file not found: {path}")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DecodingError(f"{path} line {n}: not JSON ({exc})") from None
-            if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
-                raise DecodingError(f"{path} line {n}: expected an object with 'prompt' or 'prompt_ids'")
-            rows.append(row)
-    if not rows:
-        raise DecodingError(f"{path} holds no prompts")
-    return rows
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     import warnings
 
     from megatron_nbdiff.checkpoint.errors import CheckpointMetadataError
-    from megatron_nbdiff.inference import DecodingError, generate, load_runner
+    from megatron_nbdiff.inference import DecodingError, generate, load_runner, read_prompt_file
 
     opts = dict(mode=args.mode, block_size=args.block_size, threshold=args.threshold,
                 sub_blocks=args.sub_blocks, confidence=args.confidence,
@@ -89,7 +67,7 @@ def main(argv=None) -> int:
                       f"{s['commit_passes']}), tokens {s['tokens']}, tokens/forward "
                       f"{s['tokens_per_forward']:.2f}, tokens/s {s['tokens_per_s']:.1f}")
             return 0
-        rows = read_prompts(args.prompt_file)
+        rows = [row for _, row in read_prompt_file(args.prompt_file)]
         for start in range(0, len(rows), args.batch_size):
             chunk = rows[start:start + args.batch_size]
             suffixes = {json.dumps(r.get("suffix", args.suffix)) for r in chunk}

@@ -5,7 +5,7 @@ infilling, and plain AR decoding, over HF exports and the project's Megatron che
     results = generate("exported_dir", ["Once upon a time"], mode="block", threshold=0.9)
     results[0]["text"], results[0]["stats"]["tokens_per_forward"]
 """
-from .api import generate, load_runner
+from .api import generate, load_runner, read_prompt_file
 from .decode import CONFIDENCES, MODES, DecodeOptions, block_decode, full_decode
 from .runner import DecodingError, ModelRunner, RunnerInfo, attention_mask
 
@@ -21,4 +21,5 @@ __all__ = [
     "full_decode",
     "generate",
     "load_runner",
+    "read_prompt_file",
 ]

@@ -57,6 +57,28 @@ def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cach
     raise DecodingError(f"{meta_path}: unknown checkpoint kind {kind!r}")
 
 
+def read_prompt_file(path: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-empty line of a JSONL prompt file; each object has
+    ``prompt`` (text) or ``prompt_ids`` (token ids). Clear errors name the file and line."""
+    if not os.path.isfile(path):
+        raise DecodingError(f"prompt file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DecodingError(f"{path} line {n}: not JSON ({exc})") from None
+            if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
+                raise DecodingError(f"{path} line {n}: expected an object with 'prompt' or 'prompt_ids'")
+            rows.append((n, row))
+    if not rows:
+        raise DecodingError(f"{path} holds no prompts")
+    return rows
+
+
 def _to_ids(x: Union[str, Sequence[int]], runner: ModelRunner, what: str) -> list[int]:
     if isinstance(x, str):
         if runner.tokenizer is None:
