@@ -361,10 +361,12 @@ class Trainer:
         none. One Adam step on zero gradients of the fp32 main parameters creates the state
         tensors; the load then overwrites all of them (and the main parameters).
         """
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(opt, "optimizer", None)
-            if type(opt).__name__ != "DistributedOptimizer" or inner is None or len(inner.state) > 0:
+            if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) > 0:
                 continue
+            inner = opt.optimizer
             for group in inner.param_groups:
                 for p in group["params"]:
                     p.grad = torch.zeros_like(p)
