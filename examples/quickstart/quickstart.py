@@ -9,7 +9,7 @@
 3. HF -> Megatron conversion of the base with an appended mask token.
 4. NBDiff adaptation with a compressed curriculum (block 1 -> 2 -> 4 -> 8).
 5. Evaluation of the AR base and the adapted model on held-out text (AR loss, diffusion loss at
-   block 8), block decoding of held-out prompts with statistics, AR decoding for comparison.
+   block 8: cross-entropy per masked token, through ``megatron_nbdiff.evaluation``), block decoding of held-out prompts with statistics, AR decoding for comparison.
 6. Export of the adapted model to HF and decoding of the export with ``tools/generate.py``.
 7. A summary table on the console, ``summary.json`` and PNG plots in the work folder.
 
@@ -152,46 +152,14 @@ def train(name: str, init_from: str, save_dir: str, data_prefix: str, tokenizer:
         return os.path.join(save_dir, "checkpoints", f.read().strip())
 
 
-def heldout_batches(tokenizer_dir: str, held: list[str], n: int = 8) -> "torch.Tensor":
-    import torch
+def evaluate(ckpt: str, sequences, block: int) -> dict:
+    """Held-out AR loss and diffusion loss at ``block`` (cross-entropy per masked token, seeded
+    noise) through :func:`megatron_nbdiff.evaluation.metrics.heldout_losses`."""
+    from megatron_nbdiff.evaluation.metrics import heldout_losses
+    from megatron_nbdiff.inference import load_runner
 
-    from megatron_nbdiff.data import Tokenizer
-
-    tok = Tokenizer(tokenizer_dir)
-    ids: list[int] = []
-    for d in held:
-        ids += tok.encode(d) + [tok.eod_id]
-    rows = [ids[i * SEQ:(i + 1) * SEQ] for i in range(min(n * 4, len(ids) // SEQ))]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def evaluate(ckpt: str, tokens, block: int) -> dict:
-    """Held-out AR loss (clean stream, causal) and diffusion loss at ``block`` (noisy stream of
-    the dual layout, weight 1, seeded noise), both per token, through the Megatron model."""
-    import torch
-
-    from megatron_nbdiff.checkpoint import load_model
-    from megatron_nbdiff.noise import mask_tokens
-    from megatron_nbdiff.training.losses import dual_stream_loss
-
-    model = load_model(ckpt).eval()
-    meta = model.checkpoint_metadata
-    mask_id = meta.mask_token["id"] if meta.mask_token else None
-    ar, diff = [], []
-    with torch.no_grad():
-        for start in range(0, tokens.shape[0], 8):
-            x = tokens[start:start + 8]
-            ones = torch.ones_like(x)
-            noise = mask_tokens(x, block_size=block, mask_token_id=mask_id, seed=7, step=0,
-                                sample_index=torch.arange(start, start + x.shape[0]), loss_mask=ones)
-            out = model(x, noise.noisy_ids, layout="dual_context_causal", block_size=block)
-            parts = dual_stream_loss(out.noisy, out.clean, x, noise.weight, noise.is_masked, ones, 1.0)
-            # both terms share the normaliser (valid tokens); report diffusion per masked token
-            n_valid = float(ones[:, 1:].sum())
-            n_masked = float(noise.is_masked[:, 1:].sum())
-            ar.append(float(parts.ar))
-            diff.append(float(parts.diffusion) * n_valid / max(n_masked, 1.0))
-    return dict(ar_loss=sum(ar) / len(ar), diffusion_loss=sum(diff) / len(diff))
+    losses = heldout_losses(load_runner(ckpt), sequences, block_sizes=[block], seed=7)
+    return dict(ar_loss=losses["ar"]["loss"], diffusion_loss=losses["block"][str(block)]["masked_ce"])
 
 
 def plot_losses(runs: dict, path: str) -> None:
@@ -273,9 +241,13 @@ def main(argv=None) -> int:
                     dict(name="nbdiff", block_max=BLOCK, block_interval=interval), args.nbdiff_steps, 2e-3)
 
     log("5. evaluation on held-out text and block decoding")
-    tokens = heldout_batches(tok_dir, held)
-    ev = {"AR base": evaluate(os.path.join(w, "meg_base"), tokens, BLOCK),
-          "NBDiff adapted": evaluate(nb_ckpt, tokens, BLOCK)}
+    from megatron_nbdiff.evaluation.metrics import load_sequences
+
+    write_jsonl(os.path.join(w, "heldout.jsonl"), held)
+    sequences = load_sequences(os.path.join(w, "heldout.jsonl"), tokenizer=Tokenizer(tok_dir), seq_length=SEQ,
+                               max_sequences=32)
+    ev = {"AR base": evaluate(os.path.join(w, "meg_base"), sequences, BLOCK),
+          "NBDiff adapted": evaluate(nb_ckpt, sequences, BLOCK)}
     from megatron_nbdiff.inference import generate, load_runner
 
     tok = Tokenizer(tok_dir)
