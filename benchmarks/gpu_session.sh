@@ -11,7 +11,7 @@
 set -u
 export PYTHONUNBUFFERED=1
 LOG=${OUT:-gpu-logs}
-mkdir -p "$LOG"
+mkdir -p "$LOG" && LOG=$(cd "$LOG" && pwd)
 PY=${PY:-python3}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -46,8 +46,11 @@ for s in "${steps[@]}"; do
     noise) run_step noise 60 $PY benchmarks/noise.py ;;
     train) run_step train 300 $PY benchmarks/train_step.py ;;
     decode) run_step decode 300 $PY benchmarks/decode.py ;;
-    compare) run_step compare 580 $PY examples/recipe_comparison/run.py --out /tmp/nbdiff-compare
-             cp /tmp/nbdiff-compare/report.json /tmp/nbdiff-compare/comparison.* "$LOG"/ 2>/dev/null ;;
+    # the comparison records finished stages in /tmp/nbdiff-compare: if a call's time limit cuts
+    # it off, the same step in the next call (on the same, still warm machine) continues there;
+    # COMPARE_ARGS adds options (e.g. --adapt-seeds 0,1). It does not need the build step.
+    compare) run_step compare ${COMPARE_LIMIT:-550} $PY examples/recipe_comparison/run.py --out /tmp/nbdiff-compare ${COMPARE_ARGS:-}
+             (cd /tmp/nbdiff-compare && cp --parents report.json stages.json comparison.* training.png run_*/metrics.jsonl "$LOG"/) ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done

@@ -120,3 +120,15 @@ def test_sentencepiece_model(tmp_path):
     ds = IndexedDataset(str(tmp_path / "o"))
     assert ds[1].tolist()[-1] == tok.eod_id == 2
     assert tok.decode(ds[1].tolist()[:-1]) == DOCS[1]
+
+
+def test_split_digits_tokenizer(tmp_path):
+    docs = [f"Q: {a}+{b}= A: {a + b}" for a in range(10, 99) for b in range(10, 99, 7)] * 2
+    merged = Tokenizer(train_bpe_tokenizer(docs, 400, str(tmp_path / "merged")))
+    split = Tokenizer(train_bpe_tokenizer(docs, 400, str(tmp_path / "split"), split_digits=True))
+    text = "Q: 23+58= A: 81"
+    pieces = [split.decode([i]) for i in split.encode(text)]
+    assert split.decode(split.encode(text)) == text
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == ["2", "3", "5", "8", "8", "1"]
+    # without the option BPE learns multi-digit number tokens from the same corpus
+    assert any(sum(c.isdigit() for c in merged.decode([i])) > 1 for i in merged.encode(text))

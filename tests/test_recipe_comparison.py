@@ -5,22 +5,65 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "recipe_comparison", "run.py")
+LABELS = ["AR base", "diffullama", "transplant", "nbdiff (no curriculum)", "nbdiff"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, SCRIPT, "--size", "tiny", *args], capture_output=True, text=True,
+                          timeout=900)
 
 
 def test_recipe_comparison_tiny(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "recipe_comparison", "run.py"),
-                        "--size", "tiny", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    r = run("--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "report.json").read_text())
-    assert list(rep["results"]) == ["AR base", "diffullama", "transplant", "nbdiff (no curriculum)", "nbdiff"]
+    assert rep["complete"] is True
+    assert list(rep["results"]) == LABELS
     assert rep["adapt_tokens_per_recipe"] == 12 * 8 * 64
-    for label, row in rep["results"].items():
+    for label, by_seed in rep["results"].items():
+        assert list(by_seed) == ["0"], label
+        row = by_seed["0"]
         assert 0 < row["ar_loss"] < 20 and 0 < row["nll_bound"] < 20, label
-        for how, d in row["decoding"].items():
-            assert 0.0 <= d["accuracy"] <= 1.0 and d["tokens_per_forward"] >= 1.0, (label, how)
-    assert rep["results"]["AR base"]["decoding"]["ar"]["tokens_per_forward"] == 1.0
-    # diffullama is evaluated with its own single-stream loss too; 8 positions in 4 steps = 2 per pass
-    assert rep["results"]["diffullama"]["single_stream_loss"] is not None
-    assert rep["results"]["diffullama"]["decoding"]["full, 4 steps"]["tokens_per_forward"] == 2.0
+        for how, tasks in row["decoding"].items():
+            assert sorted(tasks) == ["addition", "copy"]
+            for d in tasks.values():
+                assert 0.0 <= d["accuracy"] <= 1.0 and d["tokens_per_forward"] >= 1.0, (label, how)
+    assert rep["results"]["AR base"]["0"]["decoding"]["ar"]["addition"]["tokens_per_forward"] == 1.0
+    # diffullama is evaluated with its own single-stream loss too; full decoding in 4 steps fills
+    # 8 addition positions at 2 per pass and 16 copy positions at 4 per pass
+    dl = rep["results"]["diffullama"]["0"]
+    assert dl["single_stream_loss"] is not None
+    assert dl["decoding"]["full, 4 steps"]["addition"]["tokens_per_forward"] == 2.0
+    assert dl["decoding"]["full, 4 steps"]["copy"]["tokens_per_forward"] == 4.0
     assert (tmp_path / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "training.png").stat().st_size > 1000
     assert "| nbdiff |" in (tmp_path / "comparison.md").read_text()
+
+    # a second call finds every stage done and trains nothing
+    stages = json.loads((tmp_path / "stages.json").read_text())["stages"]
+    assert len(stages) == 2 + 4 + 5
+    r = run("--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "steps in" not in r.stdout
+    assert json.loads((tmp_path / "report.json").read_text())["results"] == rep["results"]
+
+    # other settings in the same folder are refused, naming the folder
+    r = run("--out", str(tmp_path), "--adapt-steps", "5")
+    assert r.returncode != 0 and "stages.json" in r.stderr and "--fresh" in r.stderr
+
+
+def test_recipe_comparison_problems_are_held_out():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_comparison_run", SCRIPT)
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+
+    train = "\n".join(cmp.corpus(4000, 0))
+    probs = cmp.eval_problems(50, 0)
+    assert len(probs["addition"]) == len(probs["copy"]) == 50
+    for q, ans in probs["addition"]:
+        assert q not in train  # operand pairs never seen in training
+        a, b = map(int, q[3:].split("=")[0].split("+"))
+        assert int(ans) == a + b and cmp.held_out_pair(a, b)

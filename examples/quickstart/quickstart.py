@@ -132,7 +132,7 @@ def make_hf_init(directory: str, vocab: int, tokenizer_dir: str, model: Optional
 
 def train(name: str, init_from: str, save_dir: str, data_prefix: str, tokenizer: str, recipe: dict,
           steps: int, lr: float, seq: int = SEQ, micro_batch: int = 8, global_batch: int = 16,
-          dtype: str = "fp32") -> str:
+          dtype: str = "fp32", seed: int = 1234) -> str:
     from megatron_nbdiff.config import RunConfig
     from megatron_nbdiff.training.trainer import Trainer
 
@@ -140,7 +140,7 @@ def train(name: str, init_from: str, save_dir: str, data_prefix: str, tokenizer:
         recipe=recipe,
         data=dict(train=[data_prefix], tokenizer=tokenizer, split="98,2,0"),
         train=dict(steps=steps, micro_batch_size=micro_batch, global_batch_size=global_batch, seq_len=seq, lr=lr,
-                   min_lr=lr / 10, warmup_steps=20, log_interval=25, dtype=dtype),
+                   min_lr=lr / 10, warmup_steps=20, log_interval=25, dtype=dtype, seed=seed),
         checkpoint=dict(init_from=init_from, save_dir=save_dir, save_interval=0),
     ))
     t0 = time.time()
