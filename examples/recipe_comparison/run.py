@@ -21,12 +21,14 @@ B, lambda 0), ``nbdiff`` without curriculum (fixed block B, lambda 0.5) and full
 (curriculum 1 -> B), each for the same steps x batch x sequence (equal training tokens), once
 per ``--adapt-seeds`` seed (training order and noise); then every model is evaluated the same
 way: held-out AR loss and block-diffusion NLL bound at B on text, and on held-out additions,
-additions of trained pairs and copies the accuracy of the model's native decoding (AR for the base, block decoding at
-thresholds 0.9 and 0.5 for dual-stream recipes, full-sequence decoding in 8 and 4 steps for
-diffullama) with its tokens per forward.
+additions of trained pairs and copies the accuracy of the model's native decoding (AR for the
+base, block decoding at thresholds 0.9 and 0.5 for dual-stream recipes, full-sequence decoding
+in 8 and 4 steps for diffullama) with its tokens per forward.
 
 Every finished stage is recorded in ``stages.json`` under ``--out``; running the same command
-again skips finished stages (a run cut off by a time limit continues where it stopped).
+again skips finished stages (a run cut off by a time limit continues where it stopped; a
+training stage stopped by SIGTERM saves and resumes from its checkpoint), and a later call may
+add seeds to ``--adapt-seeds``. Other settings in the same folder are refused.
 ``report.json``, ``comparison.md`` and ``comparison.png`` are rewritten after every evaluated
 model (``"complete": false`` until the last); ``training.png`` shows the training losses.
 """
@@ -64,7 +66,6 @@ SIZES = {
                  problems=2000, eval_problems=12, dtype="fp32", pretrain_lr=1e-3, adapt_lr=3e-4),
 }
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-RECIPES = ("diffullama", "transplant", "nbdiff (no curriculum)", "nbdiff")
 
 
 def held_out_pair(a: int, b: int) -> bool:
