@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_session.sh [steps...]      # default: build tests attention noise train
 #
 # Steps: build, tests, attention, noise, train, decode, compare. TESTS=paths narrows the GPU
-# tests, ATTN_ARGS adds benchmark options (e.g. --sweep).
+# tests, ATTN_ARGS adds benchmark options (e.g. --sweep), COMPARE_ARGS options of the comparison
+# and COMPARE_LIMIT its time limit in seconds (default 550).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=${OUT:-gpu-logs}
