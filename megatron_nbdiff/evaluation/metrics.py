@@ -58,7 +58,6 @@ passes summed over prompts (a pass shared by a batch counts once per row);
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -68,6 +67,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..data.jsonl import iter_jsonl
 from ..inference.runner import ModelRunner
 from .common import EvaluationError, is_single_stream
 
@@ -100,17 +100,10 @@ def parse_float_list(text: str, what: str) -> list[float]:
 # -- sequences ------------------------------------------------------------------------------------
 def _read_jsonl_texts(path: str, json_key: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise EvaluationError(f"{path} line {n}: not JSON ({exc})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
-                raise EvaluationError(f"{path} line {n}: expected an object with a string {json_key!r}")
-            texts.append(obj[json_key])
+    for n, obj in iter_jsonl(path, EvaluationError):
+        if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
+            raise EvaluationError(f"{path} line {n}: expected an object with a string {json_key!r}")
+        texts.append(obj[json_key])
     return texts
 
 

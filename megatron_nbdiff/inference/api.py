@@ -7,6 +7,7 @@ import os
 import warnings
 from typing import Any, Optional, Sequence, Union
 
+from ..data.jsonl import iter_jsonl
 from .decode import DecodeOptions, block_decode, full_decode
 from .runner import DecodingError, ModelRunner
 
@@ -63,17 +64,10 @@ def read_prompt_file(path: str) -> list[tuple[int, dict]]:
     if not os.path.isfile(path):
         raise DecodingError(f"prompt file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DecodingError(f"{path} line {n}: not JSON ({exc})") from None
-            if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
-                raise DecodingError(f"{path} line {n}: expected an object with 'prompt' or 'prompt_ids'")
-            rows.append((n, row))
+    for n, row in iter_jsonl(path, DecodingError):
+        if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
+            raise DecodingError(f"{path} line {n}: expected an object with 'prompt' or 'prompt_ids'")
+        rows.append((n, row))
     if not rows:
         raise DecodingError(f"{path} holds no prompts")
     return rows
