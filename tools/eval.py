@@ -38,6 +38,7 @@ import json
 import math
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -222,6 +223,18 @@ def run_tasks(args, runner, thresholds, tm, progress: bool) -> dict:
 
 
 # -- plot ---------------------------------------------------------------------------------------
+def _threshold_panel(ax, block_recs: list, ar_rec: Optional[dict], key: str, ylabel: str, title: str) -> None:
+    """``key`` of the block-decoding records against threshold, with the AR record's value as a
+    dashed line when there is one (a missing value plots as 0)."""
+    ax.plot([r["threshold"] for r in block_recs], [r[key] or 0.0 for r in block_recs], "o-",
+            label=f"block decoding (B={block_recs[0]['block_size']})")
+    if ar_rec is not None and ar_rec[key]:
+        ax.axhline(ar_rec[key], color="gray", ls="--", label="AR decoding")
+    ax.set_xlabel("threshold τ")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def make_plot(report: dict) -> bytes:
     import matplotlib
 
@@ -262,24 +275,13 @@ def make_plot(report: dict) -> bytes:
         ax.set_ylabel("accuracy")
         ax.set_title("accuracy vs parallelism")
     else:
-        ax.plot([r["threshold"] for r in block_recs], [r["tokens_per_forward"] for r in block_recs], "o-",
-                label=f"block decoding (B={block_recs[0]['block_size']})")
-        if ar_rec is not None:
-            ax.axhline(ar_rec["tokens_per_forward"], color="gray", ls="--", label="AR decoding")
-        ax.set_xlabel("threshold τ")
-        ax.set_ylabel("tokens per forward pass")
-        ax.set_title("tokens per forward vs threshold")
+        _threshold_panel(ax, block_recs, ar_rec, "tokens_per_forward", "tokens per forward pass",
+                         "tokens per forward vs threshold")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if panels == 2:
         ax = axes[1]
-        ax.plot([r["threshold"] for r in block_recs], [r["tokens_per_s"] or 0.0 for r in block_recs], "o-",
-                label=f"block decoding (B={block_recs[0]['block_size']})")
-        if ar_rec is not None and ar_rec["tokens_per_s"]:
-            ax.axhline(ar_rec["tokens_per_s"], color="gray", ls="--", label="AR decoding")
-        ax.set_xlabel("threshold τ")
-        ax.set_ylabel("tokens / s")
-        ax.set_title("decoding throughput")
+        _threshold_panel(ax, block_recs, ar_rec, "tokens_per_s", "tokens / s", "decoding throughput")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(report["model"])), fontsize=10)
