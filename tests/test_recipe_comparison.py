@@ -74,3 +74,12 @@ def test_recipe_comparison_problems_are_held_out():
     assert len({ans[-1] for _, ans in probs["addition"]}) == 10
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
     assert 0.08 < sum(cmp.held_out_pair(a, b) for a, b in pairs) / len(pairs) < 0.12
+
+
+def test_recipe_comparison_bad_inputs(tmp_path):
+    (tmp_path / "stages.json").write_text('{"config": ')
+    r = run("--out", str(tmp_path))
+    assert r.returncode != 0 and "stages.json: not valid JSON" in r.stderr and "--fresh" in r.stderr
+    for seeds in ("1,1", "a,b", ","):
+        r = run("--out", str(tmp_path / "x"), "--adapt-seeds", seeds)
+        assert r.returncode == 2 and "--adapt-seeds" in r.stderr, seeds

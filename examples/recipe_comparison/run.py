@@ -142,8 +142,11 @@ class Stages:
         self.path = os.path.join(out, "stages.json")
         self.data = {"config": config, "stages": {}}
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                old = json.load(f)
+            try:
+                with open(self.path) as f:
+                    old = json.load(f)
+            except ValueError as exc:
+                raise SystemExit(f"{self.path}: not valid JSON ({exc}); use another --out or pass --fresh") from None
             if old.get("config") != config:
                 diff = sorted(k for k in set(config) | set(old.get("config", {}))
                               if config.get(k) != old.get("config", {}).get(k))
