@@ -159,10 +159,27 @@ class Stages:
 
     def done(self, name: str, value) -> None:
         self.data["stages"][name] = value
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
+
+
+def write_json(path: str, obj) -> None:
+    from megatron_nbdiff.evaluation import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def save_figure(fig, path: str) -> None:
+    """``fig`` as a PNG at ``path``, written atomically, then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from megatron_nbdiff.evaluation import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_dir_name(label: str, seed: int) -> str:
@@ -172,10 +189,9 @@ def run_dir_name(label: str, seed: int) -> str:
 def write_outputs(out: str, report: dict) -> str:
     """report.json, comparison.md (mean over seeds, and the range when there are several) and
     comparison.png (accuracy against tokens per forward, one line per model)."""
-    tmp = os.path.join(out, "report.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out, "report.json"))
+    from megatron_nbdiff.evaluation import atomic_write_bytes
+
+    write_json(os.path.join(out, "report.json"), report)
     B = report["block_size"]
 
     def fmt(values, digits):
@@ -204,9 +220,7 @@ def write_outputs(out: str, report: dict) -> str:
                 + " | ".join(f"{fmt([x['accuracy'] for x in d[t]], 3)} | {fmt([x['tokens_per_forward'] for x in d[t]], 2)}"
                              for t in TASKS) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(out, "comparison.md.tmp"), "w") as f:
-        f.write(table + "\n")
-    os.replace(os.path.join(out, "comparison.md.tmp"), os.path.join(out, "comparison.md"))
+    atomic_write_bytes(os.path.join(out, "comparison.md"), (table + "\n").encode())
 
     import matplotlib
 
@@ -227,10 +241,7 @@ def write_outputs(out: str, report: dict) -> str:
     fig.suptitle(f"recipe comparison ({report['size']}: {report['adapt_tokens_per_recipe']:,} adaptation tokens per "
                  f"recipe, mean of {seeds} seed{'s' if seeds > 1 else ''})")
     fig.tight_layout()
-    tmp_png = os.path.join(out, "comparison.tmp.png")
-    fig.savefig(tmp_png, dpi=110)
-    plt.close(fig)
-    os.replace(tmp_png, os.path.join(out, "comparison.png"))
+    save_figure(fig, os.path.join(out, "comparison.png"))
     return table
 
 
@@ -257,10 +268,7 @@ def plot_training(out: str, runs: dict) -> None:
         ax.set_ylabel("training loss (nats/token)")
         ax.legend()
     fig.tight_layout()
-    tmp_png = os.path.join(out, "training.tmp.png")
-    fig.savefig(tmp_png, dpi=110)
-    plt.close(fig)
-    os.replace(tmp_png, os.path.join(out, "training.png"))
+    save_figure(fig, os.path.join(out, "training.png"))
 
 
 def main(argv=None) -> int:
