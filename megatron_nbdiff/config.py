@@ -3,12 +3,12 @@ GQA) and lowers to megatron-core's ``TransformerConfig`` for a given parallel la
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import torch
 
 from .attention.core_attention import BACKENDS, check_parallel_divisibility
+from .fileio import atomic_write
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -323,10 +323,7 @@ class RunConfig:
     def save(self, path: str) -> None:
         import yaml
 
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def apply_overrides(data: dict, overrides: list) -> None:

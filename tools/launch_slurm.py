@@ -33,6 +33,7 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_nbdiff.fileio import atomic_write  # noqa: E402  (no torch: --help stays fast)
 TEMPLATE = os.path.join(ROOT, "examples", "slurm", "train.sbatch.template")
 PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
 _SLURM_NAME = re.compile(r"^[A-Za-z0-9._+-]+$")
@@ -238,20 +239,6 @@ def render(template: str, values: dict) -> str:
     return "".join(lines)
 
 
-def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _directive_value(name: str, value: str, pattern=_SLURM_NAME) -> str:
     if not pattern.match(value):
         raise LaunchError(f"{name} {value!r} contains characters Slurm does not accept here")
@@ -439,7 +426,7 @@ def _launch(args) -> int:
     config_path = os.path.join(slurm_dir, "config.yaml")
     cfg.save(config_path)  # atomic (temporary name, then rename)
     script_path = os.path.join(slurm_dir, "job.sbatch")
-    write_atomic(script_path, script_text, mode=0o755)
+    atomic_write(script_path, script_text, mode=0o755)
     for w in warnings_out:
         print(f"warning: {w}", file=sys.stderr)
 

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
 
     from megatron_nbdiff.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
     from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
-    from megatron_nbdiff.evaluation import atomic_write_bytes
+    from megatron_nbdiff.fileio import atomic_write
     from preprocess_data import preprocess
 
     log("1. corpus: docstrings of the Python standard library (PSF License)")
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     shutil.copy(os.path.join(w, "run_nbdiff", "block_size.png"), os.path.join(w, "block_size_schedule.png"))
     summary = dict(evaluation=ev, decoding=decode, export_decode=export_stats, block_size=BLOCK,
                    seconds=time.time() - t_start, workdir=w)
-    atomic_write_bytes(os.path.join(w, "summary.json"), json.dumps(summary, indent=1).encode())
+    atomic_write(os.path.join(w, "summary.json"), json.dumps(summary, indent=1))
     print()
     print(f"{'model':<16} {'held-out AR loss':>17} {f'diffusion loss (B={BLOCK})':>22}")
     for k, v in ev.items():

@@ -48,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "examples", "quickstart"))
+from megatron_nbdiff.fileio import atomic_write  # noqa: E402
 
 SIZES = {
     # ~25M parameters with a 2048-token vocabulary (one H100)
@@ -163,9 +164,7 @@ class Stages:
 
 
 def write_json(path: str, obj) -> None:
-    from megatron_nbdiff.evaluation import atomic_write_bytes
-
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def save_figure(fig, path: str) -> None:
@@ -174,12 +173,10 @@ def save_figure(fig, path: str) -> None:
 
     import matplotlib.pyplot as plt
 
-    from megatron_nbdiff.evaluation import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def run_dir_name(label: str, seed: int) -> str:
@@ -189,8 +186,6 @@ def run_dir_name(label: str, seed: int) -> str:
 def write_outputs(out: str, report: dict) -> str:
     """report.json, comparison.md (mean over seeds, and the range when there are several) and
     comparison.png (accuracy against tokens per forward, one line per model)."""
-    from megatron_nbdiff.evaluation import atomic_write_bytes
-
     write_json(os.path.join(out, "report.json"), report)
     B = report["block_size"]
 
@@ -220,7 +215,7 @@ def write_outputs(out: str, report: dict) -> str:
                 + " | ".join(f"{fmt([x['accuracy'] for x in d[t]], 3)} | {fmt([x['tokens_per_forward'] for x in d[t]], 2)}"
                              for t in TASKS) + " |")
     table = "\n".join(lines)
-    atomic_write_bytes(os.path.join(out, "comparison.md"), (table + "\n").encode())
+    atomic_write(os.path.join(out, "comparison.md"), table + "\n")
 
     import matplotlib
 

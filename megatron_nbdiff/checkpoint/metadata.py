@@ -24,6 +24,7 @@ import os
 from typing import Any, Optional
 
 from ..config import ModelConfig
+from ..fileio import atomic_write
 from .errors import CheckpointMetadataError
 from .families import FAMILIES
 
@@ -105,13 +106,7 @@ class CheckpointMetadata:
 def write_metadata(directory: str, meta: CheckpointMetadata) -> str:
     validate(meta.to_json(), os.path.join(directory, METADATA_NAME))
     path = os.path.join(directory, METADATA_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta.to_json(), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(meta.to_json(), indent=2) + "\n")
     return path
 
 

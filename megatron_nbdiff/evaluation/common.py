@@ -3,9 +3,9 @@ runner says about its context length and special tokens."""
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
 
+from ..fileio import atomic_write
 from ..inference.runner import DecodingError
 
 SINGLE_STREAM_LAYOUTS = ("single_annealed", "bidirectional")
@@ -18,22 +18,12 @@ class EvaluationError(DecodingError):
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename, so
-    a reader never sees a partial file."""
+    """:func:`megatron_nbdiff.fileio.atomic_write`, with a missing output directory reported as
+    an :class:`EvaluationError`."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise EvaluationError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def runner_max_length(runner) -> Optional[int]:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .. import compat
 from ..config import ModelConfig, RunConfig
+from ..fileio import atomic_write
 from .losses import ar_loss, dual_stream_loss, single_stream_loss
 
 EXIT_OK = 0
@@ -441,10 +442,7 @@ class Trainer:
             self._write_checkpoint_metadata(tmp, step)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            pointer_tmp = os.path.join(self.ckpt_root, f"latest.tmp-{os.getpid()}")
-            with open(pointer_tmp, "w") as f:
-                f.write(name)
-            os.replace(pointer_tmp, os.path.join(self.ckpt_root, "latest"))
+            atomic_write(os.path.join(self.ckpt_root, "latest"), name)
             kept = sorted(d for d in os.listdir(self.ckpt_root) if d.startswith("step_") and not d.endswith(".tmp"))
             for old in kept[: -self.cfg.checkpoint.keep]:
                 shutil.rmtree(os.path.join(self.ckpt_root, old), ignore_errors=True)

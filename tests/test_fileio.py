@@ -1,0 +1,38 @@
+"""megatron_nbdiff.fileio.atomic_write: the one temporary-file-then-rename writer."""
+import os
+import stat
+
+import pytest
+
+from megatron_nbdiff.fileio import atomic_write
+
+
+def test_text_and_bytes_replace_the_file(tmp_path):
+    p = tmp_path / "a.json"
+    atomic_write(str(p), "é\n")
+    assert p.read_bytes() == "é\n".encode("utf-8")
+    atomic_write(str(p), b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01"
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_permissions_follow_umask_or_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "report.json"), "{}")
+        atomic_write(str(tmp_path / "job.sbatch"), "#!/bin/bash\n", mode=0o755)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "report.json").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "job.sbatch").st_mode) == 0o755
+
+
+def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x").write_text("keep")
+    with pytest.raises(OSError):
+        atomic_write(str(tmp_path / "dir"), "new")  # the rename onto a non-empty directory fails
+    assert (tmp_path / "dir" / "x").read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["dir"]
+    with pytest.raises(FileNotFoundError):
+        atomic_write(str(tmp_path / "missing" / "a.json"), "x")
