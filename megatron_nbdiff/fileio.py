@@ -3,6 +3,7 @@
 A file is written to ``.<name>.<pid>.tmp`` in the same directory, flushed to disk, then renamed
 over ``path``: a reader sees the old file or the whole new one, never a part, and a failure
 removes the temporary file. The new file gets the usual permissions (umask), or ``mode``.
+:func:`save_figure` writes a matplotlib figure the same way.
 """
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def atomic_write(path: str, data: Union[bytes, str], mode: Optional[int] = None)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Render the matplotlib figure ``fig`` as a PNG, write it to ``path`` with
+    :func:`atomic_write`, and close the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buf.getvalue())

@@ -36,3 +36,19 @@ def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["dir"]
     with pytest.raises(FileNotFoundError):
         atomic_write(str(tmp_path / "missing" / "a.json"), "x")
+
+
+def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_nbdiff.fileio import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure(fig, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(tmp_path) == ["p.png"]
+    assert not plt.fignum_exists(fig.number)

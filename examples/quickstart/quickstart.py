@@ -168,6 +168,8 @@ def plot_losses(runs: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_nbdiff.fileio import save_figure
+
     fig, ax = plt.subplots(figsize=(8, 4.5))
     offset = 0
     for name, metrics_path in runs.items():
@@ -186,8 +188,7 @@ def plot_losses(runs: dict, path: str) -> None:
     ax.set_title("quickstart: AR base, then NBDiff adaptation")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

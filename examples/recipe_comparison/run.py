@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "examples", "quickstart"))
-from megatron_nbdiff.fileio import atomic_write  # noqa: E402
+from megatron_nbdiff.fileio import atomic_write, save_figure  # noqa: E402
 
 SIZES = {
     # ~25M parameters with a 2048-token vocabulary (one H100)
@@ -165,18 +165,6 @@ class Stages:
 
 def write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
-
-
-def save_figure(fig, path: str) -> None:
-    """``fig`` as a PNG at ``path``, written atomically, then closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def run_dir_name(label: str, seed: int) -> str:

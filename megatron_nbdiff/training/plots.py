@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..fileio import save_figure
+
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     train, evals = [], []
@@ -39,8 +41,7 @@ def plot_run(metrics_path: str, out_dir: str, curriculum, steps: int) -> list[st
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "loss.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.step(range(steps), curriculum.schedule(steps), where="post")
@@ -50,6 +51,5 @@ def plot_run(metrics_path: str, out_dir: str, curriculum, steps: int) -> list[st
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "block_size.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[-1])
     return paths
