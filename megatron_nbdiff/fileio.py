@@ -31,9 +31,8 @@ def atomic_write(path: str, data: Union[bytes, str], mode: Optional[int] = None)
             os.remove(tmp)
 
 
-def save_figure(fig, path: str, dpi: int = 110) -> None:
-    """Render the matplotlib figure ``fig`` as a PNG, write it to ``path`` with
-    :func:`atomic_write`, and close the figure."""
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """The matplotlib figure ``fig`` rendered as PNG bytes; the figure is closed."""
     import io
 
     import matplotlib.pyplot as plt
@@ -43,4 +42,10 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Render the matplotlib figure ``fig`` as a PNG (:func:`figure_png`), write it to ``path``
+    with :func:`atomic_write`, and close the figure."""
+    atomic_write(path, figure_png(fig, dpi))

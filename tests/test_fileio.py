@@ -52,3 +52,18 @@ def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.listdir(tmp_path) == ["p.png"]
     assert not plt.fignum_exists(fig.number)
+
+
+def test_figure_png_renders_and_closes_the_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_nbdiff.fileio import figure_png
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    data = figure_png(fig)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not plt.fignum_exists(fig.number)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import io
 import json
 import math
 import os
@@ -241,6 +240,8 @@ def make_plot(report: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megatron_nbdiff.fileio import figure_png
+
     tasks = report.get("tasks") or {}
     runs = tasks.get("runs") or []
     speed = report.get("decoding") or {}
@@ -286,10 +287,7 @@ def make_plot(report: dict) -> bytes:
         ax.legend(fontsize=8)
     fig.suptitle(os.path.basename(os.path.normpath(report["model"])), fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 # -- main ---------------------------------------------------------------------------------------
