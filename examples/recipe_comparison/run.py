@@ -2,7 +2,7 @@
 """Recipe comparison at small scale: one AR base, four adaptations at the same token budget,
 evaluated the same way.
 
-    python examples/recipe_comparison/run.py --out runs/comparison            # one GPU, ~25M model
+    python examples/recipe_comparison/run.py --out runs/comparison            # one GPU, ~27M model
     python examples/recipe_comparison/run.py --size cpu --out runs/cmp-cpu    # 2 CPU cores, ~2M, ~1 h
     python examples/recipe_comparison/run.py --size tiny --out /tmp/cmp       # smoke run (tests)
 
@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "quickstart"))
 from megatron_nbdiff.fileio import atomic_write, save_figure  # noqa: E402
 
 SIZES = {
-    # ~25M parameters with a 2048-token vocabulary (one H100)
+    # ~27M parameters with a 2048-token vocabulary (one H100)
     "small": dict(model=dict(hidden_size=512, num_layers=8, num_attention_heads=8, num_query_groups=4,
                              ffn_hidden_size=1536, max_seq_len=512),
                   vocab=2048, seq=256, micro=32, batch=64, pretrain=2000, adapt=600, block=16,
