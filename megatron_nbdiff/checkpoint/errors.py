@@ -6,8 +6,10 @@ print it as one ``error: ...`` line and exit non-zero, never with a traceback.
 """
 from __future__ import annotations
 
+from ..errors import CheckpointError
 
-class ConversionError(Exception):
+
+class ConversionError(CheckpointError):
     """Bad input to a conversion or a checkpoint reader: the message is meant for the user."""
 
 

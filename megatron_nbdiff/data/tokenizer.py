@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
+from ..errors import DataError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(DataError):
     """A tokenizer that cannot be loaded or lacks what the project needs."""
 
 

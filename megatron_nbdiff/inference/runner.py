@@ -26,8 +26,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import NBDiffError
 
-class DecodingError(ValueError):
+
+class DecodingError(NBDiffError):
     """Bad input to decoding: the message names the problem."""
 
 
