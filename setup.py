@@ -1,7 +1,10 @@
 """Install megatron_nbdiff and build its C++ (and, where CUDA is available, CUDA) extensions.
 
 Install with ``pip install --no-build-isolation -e .`` after ``torch==2.13.0`` is installed:
-the extensions compile against the installed torch.
+the extensions compile against the installed torch. The install provides the console commands
+``nbdiff-train``, ``nbdiff-preprocess``, ``nbdiff-eval``, ``nbdiff-launch-slurm``,
+``nbdiff-generate``, ``nbdiff-convert-hf-to-megatron`` and ``nbdiff-convert-megatron-to-hf``
+(the ``tools/*.py`` files run the same code).
 """
 import os
 
@@ -45,13 +48,48 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# Runtime dependencies (requirements.txt pins what CI tests). torch is deliberately not listed:
+# the Makefile installs torch==2.13.0 first (the CPU build on CI, a CUDA build on GPU machines),
+# and a `torch` requirement here would let pip replace it with whatever build the index serves.
+INSTALL_REQUIRES = [
+    "megatron-core==0.16.1",
+    "transformers==5.23.0",
+    "numpy",
+    "sentencepiece",
+    "safetensors",
+    "pyyaml",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+]
+EXTRAS_REQUIRE = {
+    "eval": ["lm-eval==0.4.13"],  # task accuracy in nbdiff-eval (requirements-eval.txt)
+    "test": ["pytest", "hypothesis", "scipy"],
+    "bench": ["psutil"],
+}
+CONSOLE_SCRIPTS = [
+    "nbdiff-train = megatron_nbdiff.training.cli:main",
+    "nbdiff-preprocess = megatron_nbdiff.data.preprocess:console_main",
+    "nbdiff-eval = megatron_nbdiff.evaluation.report:console_main",
+    "nbdiff-launch-slurm = megatron_nbdiff.slurm.launch:console_main",
+    "nbdiff-generate = megatron_nbdiff.inference.cli:main",
+    "nbdiff-convert-hf-to-megatron = megatron_nbdiff.checkpoint.cli:hf_to_megatron_main",
+    "nbdiff-convert-megatron-to-hf = megatron_nbdiff.checkpoint.cli:megatron_to_hf_main",
+]
+
 setup(
     name="megatron_nbdiff",
     version="0.1.0",
     description="Block-diffusion adaptation of autoregressive LLMs on megatron-core",
     packages=find_packages(include=["megatron_nbdiff", "megatron_nbdiff.*"]),
-    package_data={"megatron_nbdiff.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
+    package_data={
+        "megatron_nbdiff.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"],
+        "megatron_nbdiff.slurm": ["train.sbatch.template"],
+    },
     python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

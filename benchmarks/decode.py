@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import statistics
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=16,

@@ -18,12 +18,9 @@ import datetime
 import json
 import os
 import statistics
-import sys
 import tempfile
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZES = {
     # ~1.1B parameters: 22 layers, hidden 2048, GQA 16/4 heads, SwiGLU 5632, vocab 32k

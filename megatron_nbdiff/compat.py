@@ -20,17 +20,48 @@ parallel pieces:
    ``weight.data.cuda()`` before all-reducing the stages' copies. Shim: ``Tensor.cuda`` returns
    the tensor itself (on a CPU-only build it could only raise).
 
-Everything here is inactive when CUDA is present: :func:`install` does nothing and
+The CPU shims are inactive when CUDA is present: :func:`install` installs no shim and
 :func:`cpu_device_mode` is a null context.
+
+Safe loading (:func:`install_safe_loading`, active with and without CUDA; :func:`install` calls
+it, and so do the checkpoint loader, the converters and the tools). No code path may unpickle a
+file the user did not create in this run, because unpickling can run any code the file names.
+megatron-core and torch unpickle in four places when they read a checkpoint or a data cache; each
+is given a restricted reader by replacing one module-level name *as seen by that module only*
+(the rest of the process keeps the real ``torch``, ``numpy`` and ``pickle``):
+
+a. ``megatron.core.dist_checkpointing.strategies.common`` loads ``common.pt`` (and sharded
+   objects' ``.pt`` files) with ``torch.load`` without ``weights_only``: forced to
+   ``weights_only=True`` (tensors, containers, plain data and the classes megatron-core
+   registers as safe).
+b. ``torch.distributed.checkpoint.default_planner`` loads every non-tensor item of a
+   ``torch_dist`` checkpoint with ``torch.load(..., weights_only=False)``: forced to ``True``.
+c. ``torch.distributed.checkpoint.filesystem`` reads the checkpoint's ``.metadata`` with
+   ``pickle.load``: replaced by an unpickler that only builds torch's checkpoint-metadata
+   dataclasses and enums, ``torch.Size``, dtypes, layouts and paths.
+d. megatron-core's ``GPTDataset``, ``BlendedDataset`` and ``MaskedWordPieceDataset`` load their
+   ``data_cache/*.npy`` indices with ``numpy.load(..., allow_pickle=True)``: forced to
+   ``allow_pickle=False`` (the indices are integer arrays).
+
+A refused file raises :class:`~megatron_nbdiff.errors.CheckpointError` (a, b, c) or
+:class:`~megatron_nbdiff.errors.DataError` (d) naming the file and what it asked to run.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import importlib
+import pickle
+import re
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .errors import CheckpointError, DataError
+
 _installed = False
+_safe_loading = False
 
 
 def cuda_present() -> bool:
@@ -46,8 +77,10 @@ def _no_sync(*args, **kwargs) -> None:
 
 
 def install() -> bool:
-    """Install shims 1 and 2 when there is no CUDA. Idempotent. Returns whether it is active."""
+    """Install safe loading (always) and, when there is no CUDA, the CPU shims. Idempotent.
+    Returns whether the CPU shims are active."""
     global _installed
+    install_safe_loading()
     if cuda_present():
         return False
     if not _installed:
@@ -157,3 +190,135 @@ def cpu_device_mode():
         return contextlib.nullcontext()
     install()
     return _CudaToCpu()
+
+
+# -- safe loading of untrusted files ----------------------------------------------------------
+
+class _Shadow:
+    """A module as one other module sees it: the same attributes, some functions replaced."""
+
+    def __init__(self, module, **replacements):
+        self.__dict__["_module"] = module
+        self.__dict__.update(replacements)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+def _source_name(f, default: str) -> str:
+    name = getattr(f, "name", None) if not isinstance(f, (str, bytes)) else f
+    return str(name) if name else default
+
+
+def _refused_global(exc: BaseException) -> str:
+    """What a refused pickle asked for, from the unpickler's message (``builtins.open``)."""
+    m = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc)) or \
+        re.search(r"global (\S+) is not allowed", str(exc))
+    return f"it names {m.group(1)}, " if m else ""
+
+
+def _torch_load_weights_only(f, *args, **kwargs):
+    """``torch.load`` that only rebuilds tensors and plain data (a and b above)."""
+    kwargs["weights_only"] = True
+    kwargs.pop("pickle_module", None)
+    try:
+        return torch.load(f, *args, **kwargs)
+    except pickle.UnpicklingError as exc:
+        what = _source_name(f, "an object stored in the checkpoint")
+        raise CheckpointError(
+            f"{what}: refused to unpickle: {_refused_global(exc)}which is neither a tensor nor plain "
+            "data and could run code; load only checkpoints written by megatron_nbdiff / megatron-core"
+        ) from None
+
+
+def _numpy_load_no_pickle(file, mmap_mode=None, allow_pickle=False, *args, **kwargs):
+    """``numpy.load`` with ``allow_pickle=False`` whatever the caller asked (d above)."""
+    import numpy
+
+    try:
+        return numpy.load(file, mmap_mode, False, *args, **kwargs)
+    except ValueError as exc:
+        text = str(exc)
+        if "pickle" in text or "Python objects" in text:
+            raise DataError(
+                f"{file}: refused to load: it holds pickled Python objects, which could run code "
+                "(megatron's dataset cache holds integer arrays only); delete the data cache folder "
+                "and it is rebuilt"
+            ) from None
+        raise
+
+
+_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+    "megatron.core.dist_checkpointing.strategies.torch",
+)
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                     # torch's own writer records the checkpoint id as a path
+                     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+def metadata_global_allowed(module: str, name: str) -> bool:
+    """Whether a torch_dist ``.metadata`` pickle may name ``module.name``: torch's (and
+    megatron's) checkpoint-metadata dataclasses and enums, ``torch.Size``, dtypes, layouts."""
+    if (module, name) in _METADATA_GLOBALS:
+        return True
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if module in _METADATA_MODULES:
+        obj = getattr(importlib.import_module(module), name, None)
+        return (isinstance(obj, type) and obj.__module__ == module
+                and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))
+    return False
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if metadata_global_allowed(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def _pickle_load_metadata(file, **kwargs):
+    """``pickle.load`` of a torch_dist ``.metadata`` file through :class:`_MetadataUnpickler`."""
+    what = _source_name(file, "the checkpoint's .metadata")
+    try:
+        return _MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as exc:
+        if "is not allowed" in str(exc):
+            raise CheckpointError(
+                f"{what}: refused to unpickle: {_refused_global(exc)}which is not checkpoint "
+                "metadata and could run code; load only checkpoints written by megatron_nbdiff / "
+                "megatron-core"
+            ) from None
+        raise CheckpointError(f"{what}: truncated or corrupt checkpoint metadata ({exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise CheckpointError(
+            f"{what}: truncated or corrupt checkpoint metadata ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def install_safe_loading() -> None:
+    """Give megatron-core's and torch's checkpoint and data-cache readers restricted loaders
+    (module docstring, a-d). Idempotent; active with and without CUDA."""
+    global _safe_loading
+    if _safe_loading:
+        return
+    import numpy
+    from megatron.core.dist_checkpointing.strategies import common as mcommon
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    safe_torch = _Shadow(torch, load=_torch_load_weights_only)
+    mcommon.torch = safe_torch
+    default_planner.torch = safe_torch
+    filesystem.pickle = _Shadow(pickle, load=_pickle_load_metadata)
+    for name in ("gpt_dataset", "blended_dataset", "masked_dataset"):
+        try:
+            module = importlib.import_module(f"megatron.core.datasets.{name}")
+        except ImportError:  # an optional dependency of that dataset is missing: nothing loads it
+            continue
+        module.numpy = _Shadow(numpy, load=_numpy_load_no_pickle)
+    _safe_loading = True

@@ -1,16 +1,31 @@
-"""Dataclass configs. The model config describes a Llama-style decoder (RMSNorm, SwiGLU, RoPE,
-GQA) and lowers to megatron-core's ``TransformerConfig`` for a given parallel layout."""
+"""Dataclass configs: the model, the recipe and the run tree (YAML in and out).
+
+This module is a leaf: it imports nothing of the package but the file writer, so loading a
+config never imports megatron-core or torch. Every field has a docstring; choice fields are
+``Literal`` types. :func:`coerce_fields` type-checks every section against its field types when a
+config is built from YAML or overrides, coercing what YAML reads as a string (``lr: 3e-4``) and
+refusing the rest with one line that names the key, the expected type and what was found. The
+lowering of :class:`ModelConfig` to megatron-core's ``TransformerConfig`` lives beside the models
+(``megatron_nbdiff/models/transformer_config.py``); run validation that needs more than one
+section lives in ``megatron_nbdiff/training/validation.py``.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import typing
+from typing import Any, Literal, Optional
 
-import torch
-
-from .attention.core_attention import BACKENDS, check_parallel_divisibility
+from .errors import ConfigError
 from .fileio import atomic_write
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AttentionBackend = Literal["dense", "flex"]
+Dtype = Literal["auto", "bf16", "fp32"]
+LRSchedule = Literal["cosine", "wsd", "constant"]
+NaNPolicy = Literal["stop", "skip"]
+WeightMode = Literal["one", "inv_t"]
+TMode = Literal["per_block", "per_sequence"]
+TSampling = Literal["uniform", "antithetic", "stratified"]
+OptimizerFormat = Literal["dp_reshardable", "fully_reshardable"]
 
 
 @dataclasses.dataclass
@@ -43,7 +58,7 @@ class ModelConfig:
     """Bias on the QKV projection (Qwen2)."""
     tie_embeddings: bool = False
     """Share input embedding and output layer weights."""
-    attention_backend: str = "dense"
+    attention_backend: AttentionBackend = "dense"
     """``dense`` (SDPA with a boolean mask, the CPU reference) or ``flex`` (FlexAttention)."""
     make_vocab_size_divisible_by: int = 128
     """Embedding rows are padded to a multiple of this times the tensor-parallel size."""
@@ -52,27 +67,24 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, found {value!r}")
+                raise ConfigError(f"ModelConfig.{name} must be a positive int, found {value!r}")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.num_query_groups={self.num_query_groups} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set kv_channels explicitly"
                 )
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(
-                f"ModelConfig.attention_backend must be one of {BACKENDS}, found {self.attention_backend!r}"
-            )
+        _check_literals(self, "model")
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Embedding rows after padding for tensor parallelism."""
@@ -87,69 +99,76 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**coerce_fields(cls, data, "model"))
 
-    def transformer_config(
-        self,
-        tp: int = 1,
-        pp: int = 1,
-        dtype: str = "fp32",
-        sequence_parallel: bool = False,
-        **overrides: Any,
-    ):
-        """megatron-core ``TransformerConfig`` for this architecture at a parallel layout."""
-        from megatron.core.transformer.transformer_config import TransformerConfig
+    def transformer_config(self, tp: int = 1, pp: int = 1, dtype: str = "fp32",
+                           sequence_parallel: bool = False, **overrides: Any):
+        """megatron-core ``TransformerConfig`` for this architecture at a parallel layout (see
+        :func:`megatron_nbdiff.models.transformer_config.transformer_config`)."""
+        from .models.transformer_config import transformer_config
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, found {dtype!r}")
-        check_parallel_divisibility(self.num_attention_heads, self.num_query_groups, tp)
-        if self.num_layers % pp != 0:
-            raise ValueError(
-                f"pipeline parallel size {pp} does not divide num_layers={self.num_layers}"
-            )
-        if sequence_parallel and tp == 1:
-            sequence_parallel = False
-        torch_dtype = _DTYPES[dtype]
-        kwargs = dict(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_query_groups,
-            ffn_hidden_size=self.ffn_hidden_size,
-            kv_channels=self.kv_channels,
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            sequence_parallel=sequence_parallel,
-            normalization="RMSNorm",
-            layernorm_epsilon=self.norm_eps,
-            gated_linear_unit=True,
-            activation_func=torch.nn.functional.silu,
-            add_bias_linear=False,
-            add_qkv_bias=self.add_qkv_bias,
-            qk_layernorm=self.qk_layernorm,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
-            params_dtype=torch_dtype,
-            bf16=dtype == "bf16",
-            fp16=dtype == "fp16",
-            pipeline_dtype=torch_dtype,
-            autocast_dtype=torch_dtype,
-        )
-        kwargs.update(overrides)
-        return TransformerConfig(**kwargs)
+        return transformer_config(self, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
+                                  **overrides)
 
 
 # --------------------------------------------------------------------------------------------
 # The run config tree: YAML in and out, ``section.key=value`` overrides, unknown keys refused.
 # --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """Which recipe, and any departures from its defaults (None = the recipe's default). The
+    recipes themselves (their defaults, layout, noise and loss) are objects in
+    ``megatron_nbdiff/training/recipes.py``; the name is checked against them when a run is
+    validated, so a recipe registered by user code is a valid name too."""
+
+    name: str = "nbdiff"
+    """nbdiff, transplant, block_causal, diffullama, ar, or a registered recipe's name."""
+    ar_weight: Optional[float] = None
+    """lambda, the weight of the clean-stream AR loss (dual-stream recipes)."""
+    block_size: Optional[int] = None
+    """Fixed block size; None means the recipe's own (its curriculum, or 32)."""
+    block_max: int = 32
+    """Curriculum target B_max."""
+    block_factor: int = 2
+    """Curriculum growth factor r."""
+    block_interval: int = 500
+    """Curriculum steps per growth D."""
+    block_offset: int = 0
+    """Curriculum start step s_0."""
+    anneal_steps: int = 1000
+    """DiffuLLaMA attention-mask annealing length K (0: bidirectional from the start)."""
+    weight_mode: Optional[WeightMode] = None
+    """Diffusion loss weight per masked token: 'one' or 'inv_t' (None: the recipe's)."""
+    t_mode: Optional[TMode] = None
+    """One t 'per_block' or 'per_sequence' (None: the recipe's)."""
+    t_sampling: TSampling = "uniform"
+    """How the batch's t are drawn: 'uniform', 'antithetic' or 'stratified'."""
+    eps: float = 1e-3
+    """Lower end of t ~ U(eps, 1)."""
+    mask_token_id: Optional[int] = None
+    """Mask token id; None takes it from the init checkpoint's nbdiff.json."""
+    pack_documents: bool = True
+    """Restrict attention to document boundaries inside packed sequences."""
+
+    def __post_init__(self):
+        _check_literals(self, "recipe")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"recipe.eps must be in (0, 1), found {self.eps}")
+        if self.ar_weight is not None and self.ar_weight < 0:
+            raise ConfigError(f"recipe.ar_weight must be >= 0, found {self.ar_weight}")
+        if self.anneal_steps < 0:
+            raise ConfigError(f"recipe.anneal_steps must be >= 0, found {self.anneal_steps}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"recipe.block_size must be >= 1, found {self.block_size}")
+        for name in ("block_max", "block_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recipe.{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("block_interval", "block_offset"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"recipe.{name} must be >= 0, found {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -185,7 +204,7 @@ class TrainConfig:
     """Final learning rate of the decay."""
     warmup_steps: int = 10
     """Linear warm-up steps."""
-    lr_schedule: str = "cosine"
+    lr_schedule: LRSchedule = "cosine"
     """'cosine', 'wsd' (warmup-stable-decay) or 'constant'."""
     wsd_decay_steps: int = 0
     """Decay steps at the end of a 'wsd' schedule."""
@@ -204,7 +223,7 @@ class TrainConfig:
     """Pipeline-parallel size."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (with tp > 1)."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """'auto' (bf16 with CUDA, fp32 without), 'bf16' or 'fp32'."""
     log_interval: int = 1
     """Steps between console / metrics lines."""
@@ -212,7 +231,7 @@ class TrainConfig:
     """Steps between held-out evaluations (0: never)."""
     eval_iters: int = 2
     """Global batches per evaluation."""
-    nan_policy: str = "stop"
+    nan_policy: NaNPolicy = "stop"
     """A NaN/Inf loss: 'stop' (save nothing, exit with a message) or 'skip' (drop the step)."""
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; None: 989 (H100 bf16 dense) with CUDA, no MFU on CPU."""
@@ -221,13 +240,13 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp",
                      "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, found {getattr(self, name)}")
-        if self.lr_schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"train.lr_schedule must be cosine, wsd or constant, found {self.lr_schedule!r}")
-        if self.dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.dtype must be auto, bf16 or fp32, found {self.dtype!r}")
-        if self.nan_policy not in ("stop", "skip"):
-            raise ValueError(f"train.nan_policy must be stop or skip, found {self.nan_policy!r}")
+                raise ConfigError(f"train.{name} must be >= 1, found {getattr(self, name)}")
+        _check_literals(self, "train")
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, found {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.eval_interval < 0 or self.wsd_decay_steps < 0:
+            raise ConfigError("train.warmup_steps, eval_interval and wsd_decay_steps must be >= 0")
 
 
 @dataclasses.dataclass
@@ -242,17 +261,17 @@ class CheckpointConfig:
     """Steps between checkpoints (0: only at the end and on a signal)."""
     keep: int = 2
     """Checkpoints kept (the newest ones)."""
-    optimizer_format: str = "dp_reshardable"
+    optimizer_format: OptimizerFormat = "dp_reshardable"
     """Layout of the distributed optimizer's state in checkpoints (megatron-core's
     ``distrib_optim_sharding_type``): ``dp_reshardable`` (fast; resume at the same TP/PP, any DP)
     or ``fully_reshardable`` (gathered on save; resume at any TP/PP/DP)."""
 
     def __post_init__(self):
-        if self.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
-            raise ValueError(
-                "checkpoint.optimizer_format must be 'dp_reshardable' or 'fully_reshardable', "
-                f"found {self.optimizer_format!r}"
-            )
+        _check_literals(self, "checkpoint")
+        if self.save_interval < 0:
+            raise ConfigError(f"checkpoint.save_interval must be >= 0, found {self.save_interval}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, found {self.keep}")
 
 
 @dataclasses.dataclass
@@ -260,14 +279,12 @@ class RunConfig:
     """Everything ``tools/train.py`` needs."""
 
     model: Optional[ModelConfig] = None
-    recipe: Any = None
+    recipe: RecipeConfig = dataclasses.field(default_factory=RecipeConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        from .training.recipes import RecipeConfig
-
         if self.recipe is None:
             self.recipe = RecipeConfig()
 
@@ -277,33 +294,33 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
-        from .training.recipes import RecipeConfig
-
         sections = {"model": ModelConfig, "recipe": RecipeConfig, "data": DataConfig,
                     "train": TrainConfig, "checkpoint": CheckpointConfig}
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
+            raise ConfigError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
         unknown = sorted(set(data) - set(sections))
         if unknown:
-            raise ValueError(f"{source}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sections)}")
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sections)}")
         built = {}
         for name, klass in sections.items():
             value = data.get(name)
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: section {name!r} must be a mapping")
+                raise ConfigError(f"{source}: section {name!r} must be a mapping")
             known = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(value) - known)
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"{source}: unknown key(s) in {name!r}: {', '.join(bad)} "
                     f"(known: {', '.join(sorted(known))})"
                 )
             try:
-                built[name] = klass(**value)
+                built[name] = klass(**coerce_fields(klass, value, name))
             except TypeError as exc:
-                raise ValueError(f"{source}: section {name!r}: {exc}") from None
+                raise ConfigError(f"{source}: section {name!r}: {exc}") from None
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         return cls(**built)
 
     @classmethod
@@ -314,9 +331,9 @@ class RunConfig:
             with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
+            raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         apply_overrides(data, overrides or [])
         return cls.from_dict(data, source=path)
 
@@ -332,10 +349,118 @@ def apply_overrides(data: dict, overrides: list) -> None:
 
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         section, field = key.split(".", 1)
         data.setdefault(section, {})
         if data[section] is None:
             data[section] = {}
         data[section][field] = yaml.safe_load(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Field type checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_literals(obj: Any, section: str) -> None:
+    """Refuse a value outside a ``Literal`` field's choices (also for configs built in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = _literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ConfigError(
+                f"{section}.{f.name} must be one of {', '.join(map(str, choices))}, found {value!r}"
+            )
+
+
+def _literal_choices(tp: Any) -> Optional[tuple]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is Literal:
+        return args
+    if typing.get_origin(tp) is typing.Union:
+        for a in args:
+            if typing.get_origin(a) is Literal:
+                return typing.get_args(a)
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``: strings YAML left unparsed (``3e-4``, ``1_000``) become numbers,
+    ints become floats where a float is wanted; anything else that does not fit is refused."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, found {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, found {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return [value]
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, found {value!r} ({type(value).__name__})")
+
+
+def coerce_fields(klass: type, values: dict, section: str) -> dict:
+    """``values`` with every field coerced to ``klass``'s annotation (see :func:`_coerce`)."""
+    hints = typing.get_type_hints(klass)
+    return {k: _coerce(v, hints[k], f"{section}.{k}") if k in hints else v for k, v in values.items()}

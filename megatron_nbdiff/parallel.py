@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import compat
+from .errors import ConfigError
 
 
 def _free_port() -> int:
@@ -16,6 +17,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_parallel_sizes(model, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
+                         world_size: Optional[int] = None) -> None:
+    """The one check of a parallel layout against a model (a ModelConfig) and a world size:
+    TP divides the attention heads and the query groups, PP divides the layers, and
+    TP x PP x CP divides the world (the rest is data parallelism); EP must divide the data-parallel
+    size (megatron's expert groups are carved from it). Raises ConfigError naming the sizes."""
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} parallel size must be a positive int, found {value!r}")
+    if model.num_attention_heads % tp != 0:
+        raise ConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={model.num_attention_heads}")
+    if model.num_query_groups % tp != 0:
+        raise ConfigError(f"tensor parallel size {tp} does not divide num_query_groups={model.num_query_groups}")
+    if model.num_layers % pp != 0:
+        raise ConfigError(f"pipeline parallel size {pp} does not divide num_layers={model.num_layers}")
+    if world_size is not None:
+        if world_size % (tp * pp * cp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor {tp} x pipeline {pp} x context {cp} parallel"
+            )
+        dp = world_size // (tp * pp * cp)
+        if dp % ep != 0:
+            raise ConfigError(f"expert parallel size {ep} does not divide the data-parallel size {dp}")
 
 
 def initialize_parallel(
@@ -39,13 +65,13 @@ def initialize_parallel(
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % (tp * pp) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"world size {world_size} is not divisible by tensor parallel {tp} x pipeline parallel {pp}"
         )
     if not dist.is_initialized():
         if init_method is None and "MASTER_ADDR" not in os.environ:
             if world_size != 1:
-                raise ValueError(
+                raise ConfigError(
                     "WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun (or set the env:// variables)"
                 )
             # a lone process: any free local port (the environment is left alone, so that
@@ -63,6 +89,13 @@ def initialize_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
     compat.seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
+
+
+def all_ranks_agree(ok: bool, device, group=None) -> bool:
+    """True on every rank when ``ok`` is True on every rank of ``group`` (default: the world)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, group=group)
+    return flag.item() == 0
 
 
 def destroy_parallel() -> None:

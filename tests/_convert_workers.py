@@ -104,7 +104,7 @@ def _entry(rank, world, port, out_dir, jobs):
 
 def run_layouts(out_dir: str, jobs: list[dict]) -> list:
     mp.spawn(_entry, args=(2, free_port(), out_dir, jobs), nprocs=2, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 
 def _pp_logits(model, ids, stage):
@@ -152,12 +152,11 @@ def layouts(rank, world, port, jobs):
     """For each job: load the converted checkpoint at TP=2 (logits), save it from TP=2 (a
     checkpoint *written* at TP=2), load the converted one and the TP=2-written one at PP=2
     (logits on the last stage), and optionally save from PP=2."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_nbdiff.checkpoint import load_model
     from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
-
-    import torch.distributed as dist
 
     out = {}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from _convert_workers import hf_logits, input_ids, make_hf_checkpoint, run_layouts
 from megatron_nbdiff.checkpoint import (
     CheckpointMetadataError,
     ConversionError,
@@ -23,7 +22,10 @@ from megatron_nbdiff.checkpoint import (
     read_metadata,
 )
 from megatron_nbdiff.checkpoint.metadata import FORMAT_VERSION
+from megatron_nbdiff.cli import run_main
 from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
+
+from _convert_workers import hf_logits, input_ids, make_hf_checkpoint, run_layouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
@@ -182,7 +184,10 @@ def test_two_process_tp2_pp2_and_reshard(hf, converted, work, tmp_path):
 def _tensors(directory):
     out = {}
     index = os.path.join(directory, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
+    if os.path.isfile(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
     for name in files:
         with safe_open(os.path.join(directory, name), "pt") as f:
             for key in f.keys():
@@ -292,7 +297,7 @@ def test_mask_token_by_id_and_by_token(hf, tmp_path):
 
 
 def _refused(capsys, argv, *needles, tool="convert_hf_to_megatron"):
-    rc = _tool(tool).main(argv)
+    rc = run_main(_tool(tool).main, argv)
     err = capsys.readouterr().err
     assert rc != 0
     assert err.startswith("error: ") and "Traceback" not in err, err
@@ -342,11 +347,18 @@ def test_bad_input_is_refused_without_output(hf, tmp_path, capsys):
     _refused(capsys, ["--hf-dir", llama, "--mask-token", "nope"] + args, "not in the tokenizer")
     _assert_no_leftovers(out)
 
+    # a directory of other files is never replaced, not even with --force
     os.makedirs(out)
     open(os.path.join(out, "keep.txt"), "w").close()
+    for force in ([], ["--force"]):
+        _refused(capsys, ["--hf-dir", llama] + force + args, "not a checkpoint", "--force")
+        assert os.listdir(out) == ["keep.txt"]
+    # an earlier conversion is refused without --force and replaced with it
+    open(os.path.join(out, "nbdiff.json"), "w").close()
     _refused(capsys, ["--hf-dir", llama] + args, "not empty", "--force")
-    assert os.listdir(out) == ["keep.txt"]
-    assert _tool("convert_hf_to_megatron").main(["--hf-dir", llama, "--force", "--mask-token", "none"] + args) == 0
+    assert sorted(os.listdir(out)) == ["keep.txt", "nbdiff.json"]
+    assert run_main(_tool("convert_hf_to_megatron").main,
+                    ["--hf-dir", llama, "--force", "--mask-token", "none"] + args) == 0
     assert "converted" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["generation_config.json", "model", "nbdiff.json", "tokenizer.json",
                                        "tokenizer_config.json"]

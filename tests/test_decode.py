@@ -3,7 +3,6 @@ statistics, batches == one by one, infilling keeps prefix and suffix, HF runner 
 runner, bad inputs."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -136,7 +135,7 @@ def test_batch_equals_one_by_one(hf_runner, confidence):
 
 
 def test_full_sequence_infilling_keeps_prefix_and_suffix(ckpts, hf_runner):
-    from megatron_nbdiff.inference import full_decode, DecodeOptions
+    from megatron_nbdiff.inference import DecodeOptions, full_decode
 
     prefix, suffix = [4, 5, 6], [7, 8]
     seen = []
@@ -268,9 +267,9 @@ def test_cli(ckpts, tmp_path):
 
 
 def test_megatron_runner_at_tp2_equals_hf(ckpts, hf_runner, tmp_path):
-    from _dist_workers import run_two_process
-
     from megatron_nbdiff.inference import generate
+
+    from _dist_workers import run_two_process
 
     ps = prompts(3, seed=9)
     runs = [dict(threshold=0.5, max_new_tokens=10, stop_at_eos=False),

@@ -1,8 +1,8 @@
 """Evaluation: the lm-eval adapter (AR log-likelihood == the HF model's own logits, rolling
 log-likelihood, generate_until and its stop strings, the Monte-Carlo diffusion bound), the shipped
 toy tasks through lm-eval, held-out losses (AR == the HF loss, block diffusion == the training
-loss of the dual-stream model, single stream == its training loss), tools/eval.py end to end and
-its bad inputs."""
+loss of the dual-stream model, single stream == its training loss), the evaluation report
+(megatron_nbdiff.evaluation.report, tools/eval.py) end to end and its bad inputs."""
 import json
 import os
 import re
@@ -501,16 +501,13 @@ def test_heldout_bad_inputs(runner, ckpts):
     assert heldout_losses(plain, [[3, 4, 5]], [1])["block"]["1"]["masked_tokens"] == 0
 
 
-# -- tools/eval.py ----------------------------------------------------------------------------------
+# -- the evaluation report (tools/eval.py) ----------------------------------------------------------
 def _eval_main(*args):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import importlib
+    """The tool's main() in this process, under the command-line wrapper (bad input: exit 2)."""
+    from megatron_nbdiff.cli import run_main
+    from megatron_nbdiff.evaluation.report import main
 
-        mod = importlib.import_module("eval")
-    finally:
-        sys.path.pop(0)
-    return mod.main(list(args))
+    return run_main(main, list(args))
 
 
 def test_cli_end_to_end(ckpts, tmp_path):
@@ -561,6 +558,15 @@ def test_cli_without_lm_eval_and_bad_inputs(ckpts, tmp_path, monkeypatch, capsys
     rep = json.loads(out.read_text())
     assert rep["tasks"] is None and any("lm-eval is not installed" in n for n in rep["notes"])
     assert rep["decoding"]["num_prompts"] == 2 and rep["heldout"] is None
+    # no validation data: said on stderr as it happens, and in the report
+    err = capsys.readouterr().err
+    assert "note: held-out losses skipped: no validation data (give --data" in err
+    assert any(n.startswith("held-out losses skipped: no validation data") for n in rep["notes"])
+    # the default window length is cut to the model's 64 positions
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": words(range(3, 90))}) + "\n")
+    assert _eval_main(*base, "--data", str(held), "--block-sizes", "1", "--no-speed", "--quiet") == 0
+    assert json.loads(out.read_text())["heldout"]["seq_length"] == 64
     capsys.readouterr()
     missing = str(tmp_path / "nope")
     for args, message in [
@@ -588,3 +594,29 @@ def test_cli_without_lm_eval_and_bad_inputs(ckpts, tmp_path, monkeypatch, capsys
     bad.write_text("{nope\n")
     assert _eval_main(*base, "--prompts", str(bad)) == 2
     assert "bad.jsonl line 1: not JSON" in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"w3 w4\ncaf\xe9\n")
+    assert _eval_main(*base, "--prompts", str(latin)) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {latin} line 2: not valid UTF-8")
+
+
+def test_bad_inputs_on_the_command_line(ckpts, tmp_path):
+    """tools/eval.py as a user runs it: exit 2, exactly one error line naming the problem, no
+    traceback, no report written."""
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": words(range(3, 40))}) + "\n")
+    out = tmp_path / "r.json"
+    base = ["--model", ckpts["exp"], "--out", str(out)]
+    missing = str(tmp_path / "nope")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for args, message in [
+        (base + ["--batch-size", "0"], "--batch-size must be >= 1, found 0"),
+        (base + ["--data", str(held), "--seq-length", "65"], "--seq-length 65 exceeds the model's max_seq_len 64"),
+        (["--model", missing, "--out", str(out)], f"model directory not found: {missing}"),
+    ]:
+        r = subprocess.run([sys.executable, EVAL, *args, "--quiet"], capture_output=True, text=True,
+                           timeout=300, env=env)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert len(errors) == 1 and message in errors[0], (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and not out.exists()

@@ -1,4 +1,4 @@
-"""Layout predicates against METHOD.md's table, and the backends derived from them."""
+"""Layout predicates against the layout table of docs/method.md, and the backends derived from them."""
 import math
 
 import pytest
@@ -13,7 +13,7 @@ from megatron_nbdiff.attention.masks import anneal_hash
 
 
 def table_rule(layout, q, k, L, B, docs=None, anneal=None):
-    """METHOD.md's table, written out case by case with plain ints (independent of the code)."""
+    """The layout table of docs/method.md, written out case by case with plain ints (independent of the code)."""
     if layout in ("dual_context_causal", "dual_block_causal"):
         q_noisy, k_noisy = q < L, k < L
         pq, pk = q % L, k % L
@@ -65,6 +65,8 @@ def layout_case(draw):
     return layout, L, B, (doc_ids_from_cuts(L, cuts) if use_docs else None), (step, total, seed)
 
 
+# derandomize comes from the default hypothesis profile (tests/conftest.py); not set here, so
+# `--hypothesis-profile explore` can still turn it off
 @settings(max_examples=150, deadline=None)
 @given(layout_case())
 def test_predicate_matches_method_table(case):

@@ -1,6 +1,6 @@
 """The masking-noise kernel on CPU: the C++ kernel equals the torch reference bit for bit, the
 noise is a pure function of (seed, step, global sample index, position), its statistics match
-METHOD.md ("Noise"), and bad arguments fail with clear messages."""
+docs/method.md ("Noise"), and bad arguments fail with clear messages."""
 
 from __future__ import annotations
 

@@ -1,39 +1,65 @@
-"""tools/launch_slurm.py and the batch-script template (no Slurm needed), and the end-to-end test
-on a real private Slurm cluster (tests/slurm/run_slurm_test.sh): run when NBDIFF_SLURM_TEST=1 or
-when slurmctld is installed, skipped otherwise."""
-import importlib.util
+"""The Slurm launcher (megatron_nbdiff.slurm, tools/launch_slurm.py) and the packaged batch-script
+template (no Slurm needed), and the end-to-end test on a real private Slurm cluster
+(tests/slurm/run_slurm_test.sh): run when NBDIFF_SLURM_TEST=1 or when slurmctld is installed,
+skipped otherwise."""
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
+
+from megatron_nbdiff.cli import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "tools", "launch_slurm.py")
 CONFIGS = os.path.join(ROOT, "examples", "slurm", "configs")
 SLURM_TEST = os.path.join(ROOT, "tests", "slurm", "run_slurm_test.sh")
+WORDS = "the cat dog sat ran on mat park and watched a blue red big small tree house".split()
 
 
 @pytest.fixture(scope="module")
 def launcher():
-    spec = importlib.util.spec_from_file_location("launch_slurm", LAUNCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The launcher's modules under one name (main, render, parse_time_limit, LaunchError)."""
+    from megatron_nbdiff import slurm
+    from megatron_nbdiff.slurm import launch
+
+    return types.SimpleNamespace(main=launch.main, render=slurm.render, parse_time_limit=slurm.parse_time_limit,
+                                 LaunchError=slurm.LaunchError)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tiny tokenizer and indexed dataset, made once: the launcher validates them as the trainer
+    would (tokenizer loads, dataset headers and token ids fit the model)."""
+    import random
+
+    from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
+    from megatron_nbdiff.data.preprocess import preprocess
+
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) for _ in range(60)]
+    train_bpe_tokenizer(docs, 300, str(d / "tok"))
+    with open(d / "c.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": doc}) + "\n" for doc in docs)
+    preprocess(str(d / "c.jsonl"), str(d / "tok"), str(d / "corpus"), quiet=True)
+    return d
 
 
 @pytest.fixture
-def inputs(tmp_path):
-    """Stand-ins for a dataset prefix, a tokenizer and a run config (the launcher only checks
-    that they exist; the trainer reads them)."""
+def inputs(tmp_path, corpus):
+    """A dataset prefix, a tokenizer and a run config (quickstart_tiny with relative paths) in a
+    fresh submit directory."""
     (tmp_path / "data").mkdir()
     for suffix in (".bin", ".idx"):
-        (tmp_path / "data" / f"corpus{suffix}").write_bytes(b"")
-    (tmp_path / "tok").mkdir()
+        shutil.copy(corpus / f"corpus{suffix}", tmp_path / "data" / f"corpus{suffix}")
+    shutil.copytree(corpus / "tok", tmp_path / "tok")
     with open(os.path.join(CONFIGS, "quickstart_tiny.yaml")) as f:
         data = yaml.safe_load(f)
     data["data"]["train"] = ["data/corpus"]  # relative: resolved against the submit directory
@@ -44,8 +70,9 @@ def inputs(tmp_path):
 
 
 def launch(launcher, monkeypatch, capsys, cwd, *argv):
+    """The launcher's main() in this process under the command-line wrapper: (exit code, stdout, stderr)."""
     monkeypatch.chdir(cwd)
-    code = launcher.main([str(a) for a in argv])
+    code = run_main(launcher.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -100,11 +127,16 @@ def test_dry_run_cpu_script(launcher, inputs, monkeypatch, capsys):
 
 
 def test_blend_paths_are_resolved_and_checked(launcher, inputs, monkeypatch, capsys):
+    blend = "data.train=[0.3, data/corpus, 0.7, data/other]"
     code, out, err = launch(launcher, monkeypatch, capsys, inputs, "--config", "run.yaml",
-                            "--nodes", 1, "--gpus-per-node", 0, "--output-dir", "o", "--dry-run",
-                            "data.train=[0.3, data/corpus, 0.7, data/other]")
+                            "--nodes", 1, "--gpus-per-node", 0, "--output-dir", "o", "--dry-run", blend)
+    assert code == 2 and "missing " + str(inputs / "data" / "other") + ".bin" in err  # a dry run checks too
+    assert not (inputs / "o").exists()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(inputs / "data" / f"corpus{suffix}", inputs / "data" / f"other{suffix}")
+    code, out, err = launch(launcher, monkeypatch, capsys, inputs, "--config", "run.yaml",
+                            "--nodes", 1, "--gpus-per-node", 0, "--output-dir", "o", "--dry-run", blend)
     assert code == 0, err
-    assert "missing " + str(inputs / "data" / "other") + ".bin" in err  # a warning in a dry run
     from megatron_nbdiff.config import RunConfig
 
     cfg = RunConfig.load(str(inputs / "o" / "slurm" / "config.yaml"))
@@ -124,7 +156,7 @@ def test_blend_paths_are_resolved_and_checked(launcher, inputs, monkeypatch, cap
     (["--nodes", 1, "--gpus-per-node", 3, "train.tp=3", "train.global_batch_size=4"],
      "tensor parallel size 3 does not divide num_attention_heads=4"),
     (["--nodes", 1, "--gpus-per-node", 3, "train.pp=3", "train.global_batch_size=4"],
-     "train.pp 3 does not divide model num_layers=4"),
+     "pipeline parallel size 3 does not divide num_layers=4"),
     (["--nodes", 1, "--gpus-per-node", 0, "model.attention_backend=flex"], "cannot train on CPU"),
     (["--nodes", 1, "--gpus-per-node", 0, "train.stepz=3"], "unknown key(s) in 'train': stepz"),
     (["--nodes", 1, "--gpus-per-node", 0, "--time", "forever"], "is not a Slurm time limit"),
@@ -137,6 +169,16 @@ def test_blend_paths_are_resolved_and_checked(launcher, inputs, monkeypatch, cap
     (["--nodes", 1, "--gpus-per-node", 0, "--python", "/nonexistent/python"], "is not an executable file"),
     (["--nodes", 1, "--gpus-per-node", 0, "data.train=[data/missing]"], "missing "),
     (["--nodes", 1, "--gpus-per-node", 0, "data.tokenizer=/nonexistent/tok"], "does not exist"),
+    # a dry run validates exactly as a submission
+    (["--nodes", 1, "--gpus-per-node", 0, "--dry-run", "data.train=[data/missing]"], "missing "),
+    (["--nodes", 1, "--gpus-per-node", 0, "--dry-run", "data.tokenizer=/nonexistent/tok"],
+     "data.tokenizer '/nonexistent/tok' does not exist"),
+    (["--nodes", 1, "--gpus-per-node", 0, "--dry-run", "checkpoint.init_from=/nonexistent/ckpt"],
+     "checkpoint.init_from '/nonexistent/ckpt' is not a directory"),
+    (["--nodes", 1, "--gpus-per-node", 0, "--dry-run", "train.seq_len=60"],
+     "train.seq_len 60 is not divisible by block size"),
+    # values of the wrong type are refused with the key named
+    (["--nodes", 1, "--gpus-per-node", 0, "--dry-run", "train.steps=abc"], "train.steps"),
 ])
 def test_bad_input_is_one_error_line(launcher, inputs, monkeypatch, capsys, argv, message):
     if "--config" not in argv:
@@ -146,6 +188,40 @@ def test_bad_input_is_one_error_line(launcher, inputs, monkeypatch, capsys, argv
     assert message in err, err
     assert err.startswith("error: ") and "Traceback" not in err
     assert not (inputs / "runs").exists() and not (inputs / "with space").exists()  # nothing written
+
+
+def test_override_values_are_type_checked(launcher, inputs, monkeypatch, capsys):
+    """`train.lr=3e-4` (a string to YAML) reaches the job config as the float 3e-4;
+    `train.steps=abc` is refused with the key named, and nothing is written."""
+    code, out, err = launch(launcher, monkeypatch, capsys, inputs, "--config", "run.yaml", "--nodes", 1,
+                            "--gpus-per-node", 0, "--output-dir", "o", "--dry-run", "train.lr=3e-4")
+    assert code == 0, err
+    job = yaml.safe_load((inputs / "o" / "slurm" / "config.yaml").read_text())
+    assert isinstance(job["train"]["lr"], float) and job["train"]["lr"] == 3e-4
+    code, out, err = launch(launcher, monkeypatch, capsys, inputs, "--config", "run.yaml", "--nodes", 1,
+                            "--gpus-per-node", 0, "--output-dir", "bad", "--dry-run", "train.steps=abc")
+    assert code == 2 and out == ""
+    errors = err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "train.steps" in errors[0] and "abc" in errors[0]
+    assert not (inputs / "bad").exists()
+
+
+def test_bad_inputs_on_the_command_line(inputs):
+    """tools/launch_slurm.py as a user runs it: exit 2, exactly one error line naming the problem,
+    no traceback, nothing written."""
+    base = ["--config", "run.yaml", "--nodes", "1", "--gpus-per-node", "0", "--output-dir", "o"]
+    for args, message in [
+        (base + ["--nodes", "0"], "--nodes must be >= 1, found 0"),
+        (base + ["--time", "forever"], "--time 'forever' is not a Slurm time limit"),
+        (base + ["--dry-run", "data.train=[data/missing]"], f"missing {inputs}/data/missing.bin"),
+        (base + ["--dry-run", "train.steps=abc"], "train.steps"),
+    ]:
+        r = subprocess.run([sys.executable, LAUNCH, *args], cwd=inputs, capture_output=True, text=True)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(errors) == 1 and message in errors[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stdout == ""
+        assert not (inputs / "o").exists()
 
 
 def test_model_section_must_match_init_checkpoint(launcher, inputs, monkeypatch, capsys):
@@ -273,20 +349,23 @@ def test_rank_role_records_the_exit_status(launcher, inputs, monkeypatch, capsys
     code, out, err = launch(launcher, monkeypatch, capsys, inputs, "--config", "run.yaml",
                             "--nodes", 1, "--gpus-per-node", 0, "--output-dir", "o", "--dry-run")
     assert code == 0
-    fake_repo = tmp_path / "repo"
-    (fake_repo / "tools").mkdir(parents=True)
-    # a stand-in trainer: reports whether the signals arrive ignored, then exits like a saved run
-    (fake_repo / "tools" / "train.py").write_text(
-        "import signal, sys\n"
-        "ign = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1)]\n"
-        "print('ignored', ign, sys.argv[1:])\n"
-        "sys.exit(75)\n"
-    )
     script = (inputs / "o" / "slurm" / "job.sbatch").read_text()
-    script = re.sub(r"^REPO=.*$", f"REPO={fake_repo}", script, flags=re.M)
+    assert re.search(r"^TRAIN_MODULE=megatron_nbdiff\.training\.cli$", script, flags=re.M)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    # a stand-in trainer module: reports whether the signals arrive ignored and its arguments,
+    # then exits like a saved run (through run_main, as the real one)
+    (fake / "fake_trainer.py").write_text(
+        "import signal\n"
+        "def main(argv):\n"
+        "    ign = [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1)]\n"
+        "    print('ignored', ign, argv)\n"
+        "    return 75\n"
+    )
+    script = re.sub(r"^TRAIN_MODULE=.*$", "TRAIN_MODULE=fake_trainer", script, flags=re.M)
     path = tmp_path / "job.sbatch"
     path.write_text(script)
-    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="2", RANK="3")
+    env = dict(os.environ, SLURM_JOB_ID="77", SLURM_RESTART_COUNT="2", RANK="3", PYTHONPATH=str(fake))
     r = subprocess.run(["bash", str(path), "rank"], capture_output=True, text=True, env=env)
     assert r.returncode == 75, r.stderr
     assert "ignored [True, True]" in r.stdout and str(inputs / "o" / "slurm" / "config.yaml") in r.stdout

@@ -1,5 +1,6 @@
 """The run configs shipped in examples/slurm/configs/ parse through RunConfig (unknown or renamed
-keys fail here, not on a cluster), describe the models they claim, and fit their layouts."""
+keys fail here, not on a cluster), describe the models they claim, and fit their layouts (also as
+the Slurm launcher checks them on the allocation their comments name)."""
 import glob
 import os
 
@@ -7,6 +8,8 @@ import pytest
 
 from megatron_nbdiff.attention.core_attention import check_parallel_divisibility
 from megatron_nbdiff.config import RunConfig
+from megatron_nbdiff.slurm import validate_launch
+from megatron_nbdiff.training.recipes import resolve_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "slurm", "configs", "*.yaml")))
@@ -25,9 +28,11 @@ def test_config_parses_and_is_consistent(path):
     assert m.num_layers % t.pp == 0
     assert t.seq_len <= m.max_seq_len
     assert cfg.data.train, "data.train must name a dataset (a placeholder path is fine)"
-    if cfg.recipe.dual:
-        for step, block in cfg.recipe.curriculum().changes(t.steps):
+    recipe = resolve_recipe(cfg.recipe)
+    if recipe.dual:
+        for step, block in recipe.curriculum.changes(t.steps):
             assert t.seq_len % block == 0, (step, block)
+    recipe.check(t.seq_len, t.steps)
     # the YAML round trip the launcher does (RunConfig.save, then the job's RunConfig.load)
     again = RunConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
@@ -39,8 +44,9 @@ def test_7b_config_is_nbdiff_shaped():
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups) == (34, 4096, 32, 8)
     assert 152_000 <= m.vocab_size <= 154_000
     assert m.attention_backend == "flex"
-    assert r.name == "nbdiff" and r.layout == "dual_context_causal" and r.lam == 0.5
-    changes = r.curriculum().changes(t.steps)
+    recipe = resolve_recipe(r)
+    assert r.name == recipe.name == "nbdiff" and recipe.layout == "dual_context_causal" and recipe.ar_weight == 0.5
+    changes = recipe.curriculum.changes(t.steps)
     assert [b for _, b in changes] == [1, 2, 4, 8, 16, 32]
     assert (t.seq_len, t.dtype) == (4096, "bf16")
     assert t.tp in (4, 8) and 8 % (t.tp * t.pp) == 0  # a replica fits on one 8-GPU node
@@ -56,3 +62,14 @@ def test_quickstart_config_is_tiny():
     assert m.attention_backend == "dense"  # trains on CPU
     assert cfg.recipe.mask_token_id is not None  # random init: no checkpoint to name one
     assert (cfg.train.tp, cfg.train.pp) == (1, 1)
+
+
+@pytest.mark.parametrize("name,nodes,gpus,procs", [
+    ("nbdiff_7b.yaml", 4, 8, 8),          # examples/slurm/README.md: 4 nodes x 8 GPUs
+    ("quickstart_tiny.yaml", 1, 0, 2),    # the Slurm test: one node, two CPU processes
+])
+def test_configs_fit_their_allocation(name, nodes, gpus, procs):
+    """The launcher's checks that need no file (the data paths are placeholders here)."""
+    cfg = RunConfig.load(os.path.join(ROOT, "examples", "slurm", "configs", name))
+    warnings = validate_launch(cfg, nodes, procs, gpus, check_paths=False)
+    assert not [w for w in warnings if "architecture is not known" in w]

@@ -3,7 +3,6 @@ save a loadable checkpoint, bad inputs fail before any work."""
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,60 +10,11 @@ import sys
 import pytest
 import torch
 
+from _fixtures import losses, make_config, run
 from megatron_nbdiff.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")
-WORDS = "the cat dog sat ran on mat park and watched a blue red big small tree house".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tiny tokenizer and indexed dataset of short pseudo-sentences."""
-    from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from preprocess_data import preprocess
-
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(300)]
-    train_bpe_tokenizer(docs, 200, str(d / "tok"))
-    with open(d / "c.jsonl", "w") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}) + "\n")
-    preprocess(str(d / "c.jsonl"), str(d / "tok"), str(d / "data" / "c"), quiet=True)
-    return d
-
-
-def make_config(corpus, save_dir, **sections):
-    from megatron_nbdiff.data import Tokenizer
-
-    data = {
-        "model": dict(vocab_size=Tokenizer(str(corpus / "tok")).vocab_size, hidden_size=64, num_layers=2, num_attention_heads=4,
-                      num_query_groups=2, ffn_hidden_size=128, max_seq_len=64),
-        "recipe": dict(name="nbdiff", mask_token_id=3, block_interval=4, block_max=8),
-        "data": dict(train=[str(corpus / "data" / "c")], tokenizer=str(corpus / "tok"), split="90,10,0"),
-        "train": dict(steps=20, micro_batch_size=2, global_batch_size=4, seq_len=32, lr=3e-3,
-                      warmup_steps=2, min_lr=3e-4),
-        "checkpoint": dict(save_dir=str(save_dir)),
-    }
-    for name, values in sections.items():
-        data[name].update(values)
-    return data
-
-
-def run(data, **kw):
-    from megatron_nbdiff.training.trainer import Trainer
-
-    trainer = Trainer(RunConfig.from_dict(data), quiet=True, **kw)
-    code = trainer.run()
-    return code, trainer
-
-
-def losses(save_dir):
-    with open(os.path.join(save_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f) if "eval_loss" not in r}
 
 
 @pytest.mark.parametrize("recipe,extra", [
@@ -188,7 +138,8 @@ def test_corrupt_data_prefix_and_cli_errors(corpus, tmp_path):
     assert r.returncode == 2
     assert "unreadable indexed dataset" in r.stderr and "Traceback" not in r.stderr
     # a truncated .bin beside a good index
-    from megatron_nbdiff.training.trainer import TrainingError, _check_prefix
+    from megatron_nbdiff.data.datasets import check_prefix as _check_prefix
+    from megatron_nbdiff.errors import DataError as TrainingError
 
     import shutil
 
@@ -303,7 +254,7 @@ def test_blended_datasets(corpus, tmp_path):
     import shutil
 
     from megatron_nbdiff.parallel import initialize_parallel
-    from megatron_nbdiff.training.trainer import build_datasets
+    from megatron_nbdiff.data.datasets import build_datasets
 
     initialize_parallel(1, 1)  # megatron's dataset builder asks for the rank
     for suffix in (".bin", ".idx"):

@@ -44,11 +44,11 @@ import sys
 import time
 import zlib
 
+from megatron_nbdiff.errors import ConfigError
+from megatron_nbdiff.fileio import atomic_write, save_figure
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, os.path.join(ROOT, "examples", "quickstart"))
-from megatron_nbdiff.fileio import atomic_write, save_figure  # noqa: E402
+QUICKSTART = os.path.join(ROOT, "examples", "quickstart", "quickstart.py")
 
 SIZES = {
     # ~27M parameters with a 2048-token vocabulary (one H100)
@@ -61,10 +61,13 @@ SIZES = {
                            ffn_hidden_size=512, max_seq_len=256),
                 vocab=768, seq=128, micro=32, batch=32, pretrain=1500, adapt=300, block=8,
                 problems=40000, eval_problems=200, dtype="fp32", pretrain_lr=2e-3, adapt_lr=5e-4),
+    # smoke run (tests, about 35 s): long enough that every adaptation lowers the block NLL bound
+    # of the AR base clearly (4.89 -> 4.70..4.82) and the AR loss term shows (nbdiff keeps a lower
+    # held-out AR loss than transplant)
     "tiny": dict(model=dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=128, max_seq_len=128),
-                 vocab=512, seq=64, micro=8, batch=8, pretrain=30, adapt=12, block=8,
-                 problems=2000, eval_problems=12, dtype="fp32", pretrain_lr=1e-3, adapt_lr=3e-4),
+                 vocab=512, seq=64, micro=8, batch=8, pretrain=250, adapt=30, block=8,
+                 problems=2000, eval_problems=12, dtype="fp32", pretrain_lr=3e-3, adapt_lr=1e-3),
 }
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -136,6 +139,17 @@ def task_accuracy(runner, problems, tok, max_new_tokens: int, **decode) -> dict:
                 sample=problems[0][0] + outs[0].get("text", ""))
 
 
+def load_quickstart():
+    """The quickstart script as a module (its corpus, model and training helpers), loaded from
+    its file: examples are scripts, not an importable package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nbdiff_quickstart", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class Stages:
     """Finished stages of one run folder, kept in ``stages.json`` (written atomically)."""
 
@@ -147,12 +161,12 @@ class Stages:
                 with open(self.path) as f:
                     old = json.load(f)
             except ValueError as exc:
-                raise SystemExit(f"{self.path}: not valid JSON ({exc}); use another --out or pass --fresh") from None
+                raise ConfigError(f"{self.path}: not valid JSON ({exc}); use another --out or pass --fresh") from None
             if old.get("config") != config:
                 diff = sorted(k for k in set(config) | set(old.get("config", {}))
                               if config.get(k) != old.get("config", {}).get(k))
-                raise SystemExit(f"{self.path}: this folder holds a run with other settings ({', '.join(diff)}); "
-                                 "use another --out or pass --fresh")
+                raise ConfigError(f"{self.path}: this folder holds a run with other settings ({', '.join(diff)}); "
+                                  "use another --out or pass --fresh")
             self.data = old
 
     def get(self, name: str):
@@ -200,8 +214,8 @@ def write_outputs(out: str, report: dict) -> str:
             lines.append(
                 f"| {label} | {fmt([r['ar_loss'] for r in rows], 3)} | {fmt([r['nll_bound'] for r in rows], 3)} | "
                 f"{fmt([r['single_stream_loss'] for r in rows], 3)} | {how} | "
-                + " | ".join(f"{fmt([x['accuracy'] for x in d[t]], 3)} | {fmt([x['tokens_per_forward'] for x in d[t]], 2)}"
-                             for t in TASKS) + " |")
+                + " | ".join(f"{fmt([x['accuracy'] for x in d[t]], 3)} | "
+                             f"{fmt([x['tokens_per_forward'] for x in d[t]], 2)}" for t in TASKS) + " |")
     table = "\n".join(lines)
     atomic_write(os.path.join(out, "comparison.md"), table + "\n")
 
@@ -284,14 +298,15 @@ def main(argv=None) -> int:
 
     import torch
 
-    import quickstart as qs
     from megatron_nbdiff.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
     from megatron_nbdiff.data import Tokenizer
     from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
+    from megatron_nbdiff.data.preprocess import preprocess
     from megatron_nbdiff.evaluation.metrics import heldout_losses, load_sequences
     from megatron_nbdiff.inference import load_runner
     from megatron_nbdiff.parallel import destroy_parallel
-    from preprocess_data import preprocess
+
+    qs = load_quickstart()
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     qs.log(f"recipe comparison, size {args.size}, on {device}; run folder {out}")
@@ -387,4 +402,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_nbdiff.cli import run_main
+
+    sys.exit(run_main(main))

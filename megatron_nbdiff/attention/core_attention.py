@@ -76,15 +76,14 @@ def _flex(q, k, v, block_mask, scale):
 
 
 def check_parallel_divisibility(num_heads: int, num_query_groups: int, tp: int) -> None:
-    """Clear errors for tensor-parallel sizes that do not split the heads evenly."""
-    if num_heads % tp != 0:
-        raise ValueError(
-            f"tensor parallel size {tp} does not divide num_attention_heads={num_heads}"
-        )
-    if num_query_groups % tp != 0:
-        raise ValueError(
-            f"tensor parallel size {tp} does not divide num_query_groups={num_query_groups}"
-        )
+    """Clear errors for tensor-parallel sizes that do not split the heads evenly (the heads part
+    of :func:`megatron_nbdiff.parallel.check_parallel_sizes`)."""
+    import types
+
+    from ..parallel import check_parallel_sizes
+
+    check_parallel_sizes(types.SimpleNamespace(num_attention_heads=num_heads, num_query_groups=num_query_groups,
+                                               num_layers=1), tp=tp)
 
 
 def validate_doc_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -178,9 +177,9 @@ class BlockDiffusionAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         )
-        # Set by the model wrapper before each forward; None means plain causal attention.
+        # Per-call state, set and always reset by NBDiffModel.attention_context; None: causal.
         self.mask_spec: Optional[MaskSpec] = None
-        # Set by the Megatron decoding runner: a KV cache and an explicit mask (see KVInference).
+        # Decoding state (a KV cache and an explicit mask, see KVInference), set the same way.
         self.inference: Optional[KVInference] = None
 
     def forward(

@@ -1,7 +1,7 @@
 """FlexAttention ``BlockMask`` builders derived from :func:`masks.allowed`.
 
 Dual layouts are split in two query groups, because clean queries never see noisy keys
-(METHOD.md's table):
+(docs/method.md, "Attention layouts"):
 
 * noisy queries (``L``) attend over all ``2L`` keys through a sparse block mask;
 * clean queries (``L``) attend over the ``L`` clean keys only: plain causal attention for

@@ -6,9 +6,9 @@ tensor operations only, so that one function serves three consumers:
 * the dense boolean tensor (CPU reference, SDPA), by broadcasting index grids through it;
 * FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``, which calls it on scalar index tensors
   inside the compiled kernel;
-* tests, which compare both against METHOD.md's table.
+* tests, which compare both against the layout table of docs/method.md.
 
-Layouts (METHOD.md sections 1 and 2; ``L`` = tokens per stream, ``B`` = block size,
+Layouts (docs/method.md, "Attention layouts"; ``L`` = tokens per stream, ``B`` = block size,
 ``blk(i) = i // B``):
 
 ``causal``               ``k <= q`` over ``L`` tokens (plain AR).

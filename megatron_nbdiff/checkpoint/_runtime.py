@@ -52,7 +52,67 @@ def quiet_megatron_logs() -> None:
     import warnings
 
     logging.getLogger("megatron.core").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="megatron")
+    # a writer process logs its failure before the save raises it; the tools report the exception
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"megatron\.")  # megatron-core, not megatron_nbdiff
     warnings.filterwarnings("ignore", module="torch.distributed.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, message=".*TypedStorage.*")
+
+
+def checkpoint_failures() -> tuple:
+    """What a torch_dist read or write can fail with: any ``Exception`` and torch's
+    ``CheckpointException``, which is a ``BaseException``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def find_in(exc: BaseException, match):
+    """The first exception in ``exc``, its causes and contexts, and the per-rank failures a
+    ``CheckpointException`` carries, for which ``match(e)`` holds (None when there is none)."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if match(e):
+            return e
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None
+
+
+def os_error_in(exc: BaseException):
+    """The first ``OSError`` with an errno inside ``exc`` (:func:`find_in`), or None."""
+    return find_in(exc, lambda e: isinstance(e, OSError) and e.errno is not None)
+
+
+def raise_write_failure(exc: BaseException, path: str) -> None:
+    """Turn a failed ``dist_checkpointing.save`` into an ``OSError``: the one inside it (a full
+    disk reported through megatron's writer processes), or, for torch's ``CheckpointException``
+    (a writer failed; torch's zip writer reports a short write as a ``RuntimeError``), an
+    ``EIO`` naming the writer's failure. Returns for any other exception (a bug: re-raise it)."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    err = os_error_in(exc)
+    if err is not None:
+        raise OSError(err.errno, f"cannot write the checkpoint: {err.strerror}", err.filename or path) from None
+    if isinstance(exc, CheckpointException):
+        raise OSError(errno.EIO, f"cannot write the checkpoint ({describe_failure(exc)})", path) from None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed torch_dist read: the first rank's exception inside a
+    ``CheckpointException`` (whose own text is a traceback), or the first line of ``exc``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        exc = first[0] if isinstance(first, tuple) else first
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -6,6 +6,7 @@ the project's model at TP=1/PP=1 in the target dtype without initialising it, re
 tensor straight into its megatron parameter (rows of q/k/v into their interleaved places, gate
 and up into the two halves of fc1, the vocabulary rows into the padded embedding), and saves the
 model's own sharded state dict with ``megatron.core.dist_checkpointing`` (``torch_dist``).
+Every tensor read is checked for NaN/Inf (:mod:`.finite`): refused unless ``allow_nonfinite``.
 torch_dist stores global tensors, so the checkpoint loads at any TP/PP (megatron reshards on
 load); ``--tp/--pp`` are validated, set the vocabulary padding, and are recorded as the target.
 Peak memory is one copy of the model plus one tensor.
@@ -22,7 +23,8 @@ import torch
 
 from .errors import ConversionError
 from .families import HFModelInfo, parse_hf_config
-from .fsutil import AtomicOutputDir, check_output_dir
+from .finite import FiniteCheck
+from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
 from .mapping import ParamMap, hf_shapes, param_maps, qkv_blocks, units
 from .metadata import WEIGHTS_DIR, CheckpointMetadata, write_metadata
 from .safetensors_io import SafetensorsCheckpoint
@@ -113,20 +115,34 @@ def _mean_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return (acc / rows).to(t.dtype)
 
 
+def _read_checked(ckpt: SafetensorsCheckpoint, name: str, dest: torch.Tensor, finite: FiniteCheck,
+                  start: int = 0, stop: Optional[int] = None) -> None:
+    """Read rows of HF tensor ``name`` into ``dest`` and check them for NaN/Inf (when the read
+    converted the dtype, the source rows are re-read to tell the source's from the cast's)."""
+    ckpt.read_rows_into(name, dest, start, stop)
+    source = ckpt.entries[name].dtype
+    if dest.dtype != source and not bool(torch.isfinite(dest).all()):
+        raw = torch.empty(dest.shape, dtype=source)
+        ckpt.read_rows_into(name, raw, start, stop)
+        finite.check_cast(raw, dest, name)
+    else:
+        finite.check(dest, name)
+
+
 def _fill(pm: ParamMap, layer, dest: torch.Tensor, ckpt: SafetensorsCheckpoint, mc, hf_rows: int,
-          mask: Optional[MaskPlan]) -> None:
+          mask: Optional[MaskPlan], finite: FiniteCheck) -> None:
     names = pm.hf_names(layer)
     if pm.kind == "copy":
-        ckpt.read_rows_into(names[0], dest)
+        _read_checked(ckpt, names[0], dest, finite)
     elif pm.kind == "qkv":
         for source, src_row, dst_row, rows in qkv_blocks(mc):
-            ckpt.read_rows_into(names[source], dest[dst_row: dst_row + rows], src_row, src_row + rows)
+            _read_checked(ckpt, names[source], dest[dst_row: dst_row + rows], finite, src_row, src_row + rows)
     elif pm.kind == "fc1":
         f = mc.ffn_hidden_size
-        ckpt.read_rows_into(names[0], dest[:f])
-        ckpt.read_rows_into(names[1], dest[f:])
+        _read_checked(ckpt, names[0], dest[:f], finite)
+        _read_checked(ckpt, names[1], dest[f:], finite)
     elif pm.kind == "vocab":
-        ckpt.read_rows_into(names[0], dest[:hf_rows])
+        _read_checked(ckpt, names[0], dest[:hf_rows], finite)
         dest[hf_rows:].zero_()
         if mask is not None and mask.init_rows is not None:
             dest[mask.id] = _mean_rows(dest, mask.init_rows)
@@ -164,8 +180,11 @@ def convert_hf_to_megatron(
     max_seq_len: Optional[int] = None,
     make_vocab_size_divisible_by: int = 128,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ConversionResult:
-    """Convert ``hf_dir`` into ``out_dir`` (see module docstring). Raises ConversionError."""
+    """Convert ``hf_dir`` into ``out_dir`` (see module docstring). Raises ConversionError; with
+    ``allow_nonfinite`` NaN/Inf weights are converted with a warning and a note in
+    ``nbdiff.json`` instead."""
     from tqdm import tqdm
 
     start = time.time()
@@ -191,9 +210,12 @@ def convert_hf_to_megatron(
         mc = dataclasses.replace(mc0, vocab_size=vocab)
         if mask is not None and mask.new_row:
             n_params += mc.hidden_size * (1 if mc.tie_embeddings else 2)
+        check_free_space(out_dir, n_params * torch.empty((), dtype=_TORCH_DTYPE[dtype]).element_size())
+        finite = FiniteCheck(allow_nonfinite)
         with AtomicOutputDir(out_dir, force, (hf_dir,)) as tmp:
             phases = _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask,
-                                    os.path.join(tmp, WEIGHTS_DIR), progress, tqdm)
+                                    os.path.join(tmp, WEIGHTS_DIR), progress, tqdm, finite)
+            notes.extend(finite.warn())
             files = write_tokenizer(hf_dir, tmp, tokenizer, mask)
             meta = CheckpointMetadata(
                 kind="megatron",
@@ -231,11 +253,12 @@ def convert_hf_to_megatron(
     return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, meta, summary)
 
 
-def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progress, tqdm) -> None:
+def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progress, tqdm,
+                   finite: FiniteCheck) -> dict:
     from megatron.core import dist_checkpointing
 
     from ..models import NBDiffModel
-    from ._runtime import quiet_megatron_logs, single_process_group
+    from ._runtime import checkpoint_failures, quiet_megatron_logs, raise_write_failure, single_process_group
 
     quiet_megatron_logs()
     # the vocabulary padded for the target TP, so the stored rows are what a run at --tp has
@@ -255,7 +278,7 @@ def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progre
         for layer, unit in bar:
             for pm in unit:
                 name = pm.megatron_name(layer)
-                _fill(pm, layer, params[name].data, ckpt, mc, hf_rows, mask)
+                _fill(pm, layer, params[name].data, ckpt, mc, hf_rows, mask, finite)
                 filled.add(name)
         unfilled = sorted(set(params) - filled)
         if unfilled:  # the table and the model disagree: a bug, not bad input
@@ -266,7 +289,11 @@ def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progre
         sharded = _plain_fc1(model.sharded_state_dict(), mc.num_layers)
         if progress:
             print("writing torch_dist checkpoint ...", flush=True)
-        dist_checkpointing.save(sharded, weights_dir)
+        try:
+            dist_checkpointing.save(sharded, weights_dir)
+        except checkpoint_failures() as exc:  # a failed write comes back wrapped by the writers
+            raise_write_failure(exc, weights_dir)
+            raise
         phases["write"] = time.time() - t0
         del sharded, params, model
     return phases

@@ -45,16 +45,18 @@ def load_model(
     import torch
     from megatron.core import parallel_state
 
+    from .. import compat
     from ..models import NBDiffModel
     from ..parallel import initialize_parallel
     from ._runtime import private_init_method, quiet_megatron_logs
 
+    compat.install_safe_loading()
     meta = read_metadata(directory, kind="megatron")
-    path = weights_dir(directory, meta)
+    weights_dir(directory, meta)  # no weights: refuse before building anything
     allowed = {"attention_backend", "max_seq_len"}
     bad = sorted(set(config_overrides) - allowed)
     if bad:
-        raise ValueError(f"load_model cannot override {bad}; only {sorted(allowed)}")
+        raise ConversionError(f"load_model cannot override {bad}; only {sorted(allowed)}")
     mc = dataclasses.replace(meta.get_model_config(), **config_overrides)
     if not parallel_state.model_parallel_is_initialized():
         init_method = None
@@ -64,7 +66,7 @@ def load_model(
     cur_tp = parallel_state.get_tensor_model_parallel_world_size()
     cur_pp = parallel_state.get_pipeline_model_parallel_world_size()
     if (tp is not None and tp != cur_tp) or (pp is not None and pp != cur_pp):
-        raise ValueError(
+        raise ConversionError(
             f"asked for TP={tp} PP={pp} but the initialised layout is TP={cur_tp} PP={cur_pp}"
         )
     if mc.num_attention_heads % cur_tp or mc.num_query_groups % cur_tp:
@@ -91,19 +93,34 @@ def load_model(
 def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = None,
                  strict: bool = True) -> None:
     """Fill an already built :class:`NBDiffModel` (this rank's shard and stage, any layout) with
-    the weights of checkpoint ``directory`` through ``dist_checkpointing.load``."""
+    the weights of checkpoint ``directory`` through ``dist_checkpointing.load``.
+
+    The checkpoint is checked first (every shard present and long enough,
+    :func:`~megatron_nbdiff.checkpoint.torch_dist.check_torch_dist`) and read with megatron's and
+    torch's unpickling restricted (:func:`megatron_nbdiff.compat.install_safe_loading`); a bad
+    checkpoint raises :class:`ConversionError` naming the file."""
     from megatron.core import dist_checkpointing
 
     from .. import compat
+    from ..errors import NBDiffError
+    from ._runtime import checkpoint_failures, describe_failure, find_in
+    from .torch_dist import check_torch_dist
 
+    compat.install_safe_loading()
     meta = meta or read_metadata(directory, kind="megatron")
     path = weights_dir(directory, meta)
+    check_torch_dist(path)
     prefix = meta.weights.get("key_prefix", "")
     try:
         with compat.cpu_device_mode():
             state = dist_checkpointing.load(model.sharded_state_dict(prefix=prefix), path)
-    except Exception as e:  # noqa: BLE001 - megatron/torch raise many kinds for a bad checkpoint
-        raise ConversionError(f"cannot load the weights in {path}: {e}") from None
+    except NBDiffError:
+        raise
+    except checkpoint_failures() as e:  # megatron/torch raise many kinds for a bad checkpoint
+        refused = find_in(e, lambda x: isinstance(x, NBDiffError))  # a refused item, wrapped by torch
+        if refused is not None:
+            raise ConversionError(str(refused)) from None
+        raise ConversionError(f"cannot load the weights in {path}: {describe_failure(e)}") from None
     # a training checkpoint also holds the optimizer; its non-sharded part comes back with the
     # common state of any load and is not a model weight
     state.pop("optimizer", None)

@@ -10,6 +10,10 @@ the final norm and head) as global tensors through ``dist_checkpointing.load`` o
 slices, so it never builds the model; shard files are laid out from the known shapes up front and
 each tensor is written as soon as it is produced. Peak memory is about one layer (or the
 embedding) in the stored dtype plus its HF form.
+
+The checkpoint is checked before anything is written (every shard its index names present and
+long enough, :mod:`.torch_dist`), and every exported tensor is checked for NaN/Inf before and
+after the cast to the export dtype (:mod:`.finite`): refused unless ``allow_nonfinite``.
 """
 from __future__ import annotations
 
@@ -23,14 +27,17 @@ from typing import Optional
 
 import torch
 
+from ._runtime import checkpoint_failures, describe_failure
 from .errors import ConversionError
 from .families import get_family, hf_config_for_export
-from .fsutil import AtomicOutputDir, check_output_dir
+from .finite import FiniteCheck
+from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
 from .loader import weights_dir
 from .mapping import ParamMap, hf_shapes, megatron_shape, param_maps, split_fc1, split_qkv, units
-from .metadata import CheckpointMetadata, read_metadata, write_metadata
+from .metadata import read_metadata, write_metadata
 from .safetensors_io import INDEX_NAME, ShardWriter
 from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
+from .torch_dist import check_torch_dist
 
 _TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
@@ -70,12 +77,8 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byte
 
 
 def _stored_tensors(path: str) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        md = FileSystemReader(path).read_metadata()
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"cannot read the distributed checkpoint metadata in {path}: {e}") from None
+    """Tensor entries of the checkpoint's index, after checking its shards."""
+    md = check_torch_dist(path, need_common=False)
     return {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")}
 
 
@@ -171,21 +174,30 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str) -> di
         out[pm.megatron_name(layer)] = dest
     try:
         read_slices(path, requests)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"cannot read weights from {path}: {e}") from None
+    except checkpoint_failures() as e:
+        raise ConversionError(f"cannot read weights from {path}: {describe_failure(e)}") from None
     return out
 
 
-def _to_hf(pm: ParamMap, layer, t: torch.Tensor, mc, dtype) -> list[tuple[str, torch.Tensor]]:
+def _to_hf(pm: ParamMap, layer, t: torch.Tensor, mc, dtype,
+           finite: FiniteCheck) -> list[tuple[str, torch.Tensor]]:
+    """The HF tensors of one megatron tensor, cast to ``dtype``; each is checked for NaN/Inf in
+    the stored dtype and after the cast."""
     names = pm.hf_names(layer)
-    t = t.to(dtype)
     if pm.kind == "qkv":
-        return list(zip(names, split_qkv(t, mc)))
-    if pm.kind == "fc1":
-        return list(zip(names, split_fc1(t)))
-    if pm.kind == "vocab":
-        return [(names[0], t[: mc.vocab_size].contiguous())]
-    return [(names[0], t.contiguous())]
+        parts = list(zip(names, split_qkv(t, mc)))
+    elif pm.kind == "fc1":
+        parts = list(zip(names, split_fc1(t)))
+    elif pm.kind == "vocab":
+        parts = [(names[0], t[: mc.vocab_size])]
+    else:
+        parts = [(names[0], t)]
+    out = []
+    for name, part in parts:
+        cast = part.to(dtype).contiguous()
+        finite.check_cast(part, cast, name)
+        out.append((name, cast))
+    return out
 
 
 def convert_megatron_to_hf(
@@ -196,8 +208,11 @@ def convert_megatron_to_hf(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ):
-    """Export ``megatron_dir`` to an HF checkpoint in ``out_dir`` (see module docstring)."""
+    """Export ``megatron_dir`` to an HF checkpoint in ``out_dir`` (see module docstring). Raises
+    ConversionError; with ``allow_nonfinite`` NaN/Inf weights are exported with a warning and a
+    note in ``nbdiff.json`` instead."""
     from tqdm import tqdm
 
     from ._runtime import quiet_megatron_logs
@@ -229,8 +244,10 @@ def convert_megatron_to_hf(
     total_bytes = sum(int(torch.Size(s[2]).numel()) * torch.empty((), dtype=tdtype).element_size() for s in specs)
     quiet_megatron_logs()
     prefix = meta.weights.get("key_prefix", "")
+    stored = _stored_tensors(path)
+    check_free_space(out_dir, total_bytes)
+    finite = FiniteCheck(allow_nonfinite)
     with AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
-        stored = _stored_tensors(path)
         writers: dict[int, ShardWriter] = {}
         remaining = [len(s) for s in shards]
         bar = tqdm(plan, desc="exporting", unit="unit", disable=not progress)
@@ -239,7 +256,7 @@ def convert_megatron_to_hf(
                 loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix)
                 for pm in unit_maps:
                     t = loaded.pop(pm.megatron_name(layer))
-                    for name, hf_t in _to_hf(pm, layer, t, mc, tdtype):
+                    for name, hf_t in _to_hf(pm, layer, t, mc, tdtype, finite):
                         i = where[name]
                         if i not in writers:
                             writers[i] = ShardWriter(os.path.join(tmp, names[i]), shards[i])
@@ -249,8 +266,11 @@ def convert_megatron_to_hf(
                             writers.pop(i).close()
                     del t
         finally:
-            for w in writers.values():
-                w.f.close()
+            for w in writers.values():  # only after a failure: the output is discarded
+                try:
+                    w.f.close()
+                except OSError:
+                    pass
         index = {"metadata": {"total_size": total_bytes, "total_parameters": n_params},
                  "weight_map": {name: names[i] for name, i in where.items()}}
         with open(os.path.join(tmp, INDEX_NAME), "w") as f:
@@ -273,6 +293,7 @@ def convert_megatron_to_hf(
             vocab=dict(meta.vocab, padded=mc.vocab_size, stored=mc.vocab_size),
             tokenizer=dict(meta.tokenizer, files=files),
             hf_config=config,
+            notes=list(meta.notes) + finite.warn(),
             source={"path": os.path.abspath(megatron_dir), "tool": "tools/convert_megatron_to_hf.py",
                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "from": meta.source},

@@ -10,6 +10,7 @@ exporter holds one layer, not one shard.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,28 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
 _CONVERT_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_weight_files(directory: str) -> list[str]:
+    """Weight files in ``directory`` stored as pickles (``pytorch_model.bin`` and the like),
+    sorted; loading one can run code."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.endswith(PICKLE_WEIGHT_SUFFIXES) and n != "training_args.bin"
+                  and os.path.isfile(os.path.join(directory, n)))
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The ``*.safetensors`` files in ``directory``, sorted."""
+    try:
+        return sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    except OSError:
+        return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +138,22 @@ class SafetensorsCheckpoint:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ConversionError(f"cannot read {index}: {e!r}") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and v and os.path.basename(v) == v for v in weight_map.values()):
+                raise ConversionError(
+                    f"{index}: weight_map must map tensor names to shard file names in {hf_dir}"
+                )
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             weight_map, files = None, [SINGLE_NAME]
         else:
+            pickled = pickle_weight_files(hf_dir)
+            if pickled:
+                raise ConversionError(
+                    f"{hf_dir} holds its weights as {pickled[0]}, a pickle that can run code when "
+                    "loaded; only safetensors checkpoints are converted (re-save it where you trust "
+                    "it with save_pretrained(..., safe_serialization=True))"
+                )
             raise ConversionError(
                 f"{hf_dir} has neither {SINGLE_NAME} nor {INDEX_NAME} (only safetensors checkpoints "
                 "are converted)"
@@ -251,9 +286,20 @@ class ShardWriter:
         self.data_start = 8 + len(raw)
         self.nbytes = self.data_start + offset
         self.f = open(path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)))
-        self.f.write(raw)
+        with self._naming_path():
+            self.f.write(struct.pack("<Q", len(raw)))
+            self.f.write(raw)
         self.written: set[str] = set()
+
+    @contextlib.contextmanager
+    def _naming_path(self):
+        """OSErrors of writes (a full disk) name the shard file."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         offset, nbytes, dtype, shape = self.slots[name]
@@ -262,15 +308,17 @@ class ShardWriter:
                 f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
             )
         data = _tensor_bytes(tensor.contiguous())
-        self.f.seek(self.data_start + offset)
-        self.f.write(data)
+        with self._naming_path():
+            self.f.seek(self.data_start + offset)
+            self.f.write(data)
         self.written.add(name)
 
     def close(self) -> None:
         missing = set(self.slots) - self.written
-        self.f.truncate(self.nbytes)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        with self._naming_path():
+            self.f.truncate(self.nbytes)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
         if missing:
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(missing)}")

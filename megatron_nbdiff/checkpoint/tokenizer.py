@@ -1,4 +1,4 @@
-"""Tokenizer files and the mask token (METHOD.md section 4).
+"""Tokenizer files and the mask token (``docs/method.md``, "Mask token").
 
 The mask token is chosen at conversion in one of three ways:
 

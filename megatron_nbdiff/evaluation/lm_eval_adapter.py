@@ -33,7 +33,7 @@ the argmax of its logit with the mask token excluded (what greedy AR decoding wo
 evidence lower bound (ELBO) of ``log p(c | x)``, so lower than or equal to the model's true
 log-likelihood in expectation.
 
-* ``mode=block`` (block diffusion, METHOD.md sections 1 and 3): the continuation is cut into
+* ``mode=block`` (block diffusion, docs/method.md, "Noise" and "Decoding"): the continuation is cut into
   blocks of ``B`` tokens aligned at its first token, as block decoding lays them out after a
   prompt. ``log p(c | x) = sum_k [log p(first_k | x, c_<kB) + log p(rest_k | first_k, x, c_<kB)]``.
   The first term is exact: the causal logit of the previous position (the prefill's last logit,
@@ -42,7 +42,7 @@ log-likelihood in expectation.
   each non-first token of the block masked with probability ``t``, the noisy block run
   bidirectionally against the causal KV cache of the clean context (``runner.denoise``), the
   token at ``j`` scored by the logit at ``j-1``.
-* ``mode=full`` (single-stream, METHOD.md section 2): one ``t`` per continuation, every
+* ``mode=full`` (single-stream, docs/method.md, "Single-stream diffusion (DiffuLLaMA)"): one ``t`` per continuation, every
   continuation token (the first included) masked with probability ``t``, one bidirectional pass
   over context + noisy continuation (``runner.full``); estimate
   ``sum_{masked j} (1/t) log p(c_j | x, noisy c)``.

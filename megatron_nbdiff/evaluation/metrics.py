@@ -18,7 +18,7 @@ vocabulary (the appended mask token included, as in the training losses).
 * ``ar.loss``: next-token cross-entropy of the clean causal stream, the logit at ``j - 1``
   scoring ``x_j`` (``runner.prefill`` of ``x_0``, then ``runner.commit`` of ``x_1 .. x_{L-2}``).
   This equals the HF model's own causal-LM loss on the window.
-* ``block[B]`` (block diffusion, METHOD.md section 1, evaluated the way block decoding sees a
+* ``block[B]`` (block diffusion, docs/method.md, "Losses"; evaluated the way block decoding sees a
   sequence): blocks of ``B`` positions start at the window's first token (the last one may be
   shorter). Noise: :func:`megatron_nbdiff.noise.mask_tokens` with ``block_size=B``, one ``t`` per
   block (``t ~ U(eps, 1)``, ``uniform`` or ``stratified`` sampling), every token except a
@@ -41,7 +41,7 @@ vocabulary (the appended mask token included, as in the training losses).
     a block's first token and ``nll_bound`` equals ``ar.loss`` exactly;
   - ``masked_tokens``, ``forward_passes``.
 
-* ``single_stream`` (METHOD.md section 2; computed for single-stream layouts, or on request): one
+* ``single_stream`` (docs/method.md, "Single-stream diffusion (DiffuLLaMA)"; computed for single-stream layouts, or on request): one
   ``t`` per window, every target masked with probability ``t`` (``block_size=None``,
   ``t_mode="per_sequence"``), one bidirectional pass over the noisy window (``runner.full``);
   ``diffusion_loss`` is the 1/t-weighted DiffuLLaMA loss ``sum_masked CE / t / N`` (also its

@@ -14,26 +14,24 @@ from .runner import DecodingError, ModelRunner
 SINGLE_STREAM_LAYOUTS = ("single_annealed", "bidirectional")
 
 
-def _resolve_training_dir(path: str) -> str:
-    """A training ``save_dir`` (or its ``checkpoints`` folder) means its latest checkpoint."""
-    for root in (os.path.join(path, "checkpoints"), path):
-        pointer = os.path.join(root, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                return os.path.join(root, f.read().strip())
-    return path
-
-
 def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cache: bool = True,
-                tp: Optional[int] = None) -> ModelRunner:
+                tp: Optional[int] = None, allow_pickle: bool = False) -> ModelRunner:
     """A runner for an exported HF directory, a Megatron checkpoint, or a training run folder
-    (its latest checkpoint). HF directories without ``nbdiff.json`` load for AR decoding only."""
+    (its newest complete checkpoint). HF directories without ``nbdiff.json`` load for AR decoding
+    only. ``allow_pickle``: let an HF directory without safetensors load its pickled
+    ``pytorch_model.bin`` (only for a file you trust: unpickling can run code)."""
+    from ..errors import NBDiffError
+    from ..training.checkpointing import resolve_checkpoint
+
     if not isinstance(path, (str, os.PathLike)):
         raise DecodingError(f"model must be a checkpoint directory or a ModelRunner, found {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise DecodingError(f"model directory not found: {path}")
-    path = _resolve_training_dir(path)
+    try:
+        path = resolve_checkpoint(path)
+    except NBDiffError as exc:
+        raise DecodingError(str(exc)) from None
     meta_path = os.path.join(path, "nbdiff.json")
     kind = None
     if os.path.isfile(meta_path):
@@ -49,7 +47,8 @@ def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cach
     if kind in (None, "hf") and os.path.isfile(os.path.join(path, "config.json")):
         from .hf_runner import HFRunner
 
-        return HFRunner.from_pretrained(path, device=device, dtype=dtype, use_cache=use_cache)
+        return HFRunner.from_pretrained(path, device=device, dtype=dtype, use_cache=use_cache,
+                                        allow_pickle=allow_pickle)
     if kind is None:
         raise DecodingError(
             f"{path} has neither nbdiff.json nor config.json: not an exported HF model, a converted "
@@ -63,6 +62,13 @@ def read_prompt_file(path: str) -> list[tuple[int, dict]]:
     ``prompt`` (text) or ``prompt_ids`` (token ids). Clear errors name the file and line."""
     if not os.path.isfile(path):
         raise DecodingError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DecodingError(f"{path} line {line}: not valid UTF-8") from None
     rows = []
     for n, row in iter_jsonl(path, DecodingError):
         if not isinstance(row, dict) or ("prompt" not in row and "prompt_ids" not in row):
@@ -85,14 +91,70 @@ def _to_ids(x: Union[str, Sequence[int]], runner: ModelRunner, what: str) -> lis
     return ids
 
 
+def check_mode(info, mode: str) -> None:
+    """Refuse a diffusion mode for a model whose ``nbdiff.json`` is missing."""
+    if mode != "ar" and not info.has_metadata:
+        raise DecodingError(
+            f"{info.source} has no nbdiff.json, so its block size and mask token are unknown: "
+            f"mode {mode!r} cannot run; mode 'ar' (plain autoregressive decoding) still works"
+        )
+
+
+def prepare_prompts(runner: ModelRunner, prompts: Sequence[Any], suffix: Any, opts: DecodeOptions,
+                    labels: Optional[Sequence[str]] = None) -> tuple[list[list[int]], Optional[list[int]]]:
+    """Token ids of ``prompts`` and ``suffix`` (text or ids), checked before any decoding: every
+    prompt non-empty, every id in the vocabulary, and prompt + suffix + ``max_new_tokens`` within
+    the model's maximum length. ``labels`` name the prompts in errors (``prompt i``)."""
+    labels = list(labels) if labels is not None else [f"prompt {i}" for i in range(len(prompts))]
+    suffix_ids = _to_ids(suffix, runner, "suffix") if suffix is not None else None
+    ids = []
+    for label, p in zip(labels, prompts):
+        p_ids = _to_ids(p, runner, label)
+        if not p_ids:
+            raise DecodingError(f"{label} is empty")
+        for what, seq in ((label, p_ids), ("suffix", suffix_ids or [])):
+            bad = [t for t in seq if not 0 <= t < runner.info.vocab_size]
+            if bad:
+                raise DecodingError(
+                    f"{what}: token ids must lie in [0, {runner.info.vocab_size}), found {bad[0]}"
+                )
+        ids.append(p_ids)
+    check_lengths(ids, opts.max_new_tokens, len(suffix_ids or ()), runner.info, labels)
+    return ids, suffix_ids
+
+
+def check_lengths(ids: Sequence[Sequence[int]], max_new_tokens: int, suffix_len: int, info,
+                  labels: Optional[Sequence[str]] = None) -> None:
+    """Refuse a prompt that, with the suffix and ``max_new_tokens``, needs more positions than the
+    model's maximum length (``info.max_length``; no check when it is unknown)."""
+    limit = info.max_length
+    if not limit:
+        return
+    extra = suffix_len
+    for i, p in enumerate(ids):
+        need = len(p) + extra + max_new_tokens
+        if need > limit:
+            label = labels[i] if labels is not None else f"prompt {i}"
+            what = f"{label} has {len(p)} tokens" + (f", the suffix {extra}" if extra else "")
+            room = limit - len(p) - extra
+            fix = (f"lower max_new_tokens to {room} or shorten the prompt" if room >= 1
+                   else "shorten the prompt")
+            raise DecodingError(
+                f"{what}; with max_new_tokens {max_new_tokens} that needs {need} positions, more "
+                f"than the model's maximum length of {limit} ({info.source}): {fix}"
+            )
+
+
 def generate(model: Union[str, ModelRunner], prompts: Union[str, Sequence[Any]], **options: Any) -> list[dict]:
     """Decode ``prompts`` (strings or lists of token ids) with ``model`` (a checkpoint directory or
     a loaded runner). Options use the CLI's names: ``mode`` (block, full, ar), ``block_size``,
     ``threshold``, ``sub_blocks``, ``confidence``, ``max_new_tokens``, ``temperature`` (0: greedy),
     ``top_p``, ``steps``, ``suffix``, ``seed``, ``stop_at_eos``; loading options ``device``,
-    ``dtype``, ``use_cache``, ``tp``. Returns one ``{"token_ids", "text", "stats"}`` per prompt
-    (``token_ids``: generated ids only; ``text`` when a tokenizer is present)."""
-    load_keys = {"device", "dtype", "use_cache", "tp"}
+    ``dtype``, ``use_cache``, ``tp``, ``allow_pickle``. Returns one ``{"token_ids", "text",
+    "stats"}`` per prompt (``token_ids``: generated ids only; ``text`` when a tokenizer is
+    present). A prompt whose tokens, suffix and ``max_new_tokens`` exceed the model's maximum
+    length is refused."""
+    load_keys = {"device", "dtype", "use_cache", "tp", "allow_pickle"}
     fields = {f.name for f in dataclasses.fields(DecodeOptions)}
     unknown = sorted(set(options) - fields - load_keys)
     if unknown:
@@ -110,20 +172,13 @@ def generate(model: Union[str, ModelRunner], prompts: Union[str, Sequence[Any]],
         prompts = [prompts]
     if not prompts:
         raise DecodingError("no prompts given")
-    ids = [_to_ids(p, runner, f"prompt {i}") for i, p in enumerate(prompts)]
-    for i, p in enumerate(ids):
-        if not p:
-            raise DecodingError(f"prompt {i} is empty")
-    if opts.suffix is not None:
-        opts.suffix = _to_ids(opts.suffix, runner, "suffix")
-    if opts.mode != "ar" and not info.has_metadata:
-        raise DecodingError(
-            f"{info.source} has no nbdiff.json, so its block size and mask token are unknown: "
-            f"mode {opts.mode!r} cannot run; mode 'ar' (plain autoregressive decoding) still works"
-        )
+    check_mode(info, opts.mode)
+    ids, opts.suffix = prepare_prompts(runner, prompts, opts.suffix, opts)
     if opts.mode == "ar":
         if opts.block_size not in (None, 1):
-            raise DecodingError(f"mode 'ar' decodes one token per pass; block_size {opts.block_size} needs mode 'block'")
+            raise DecodingError(
+                f"mode 'ar' decodes one token per pass; block_size {opts.block_size} needs mode 'block'"
+            )
         results = block_decode(runner, ids, opts, block_size=1)
     elif opts.mode == "block":
         bs = opts.block_size or info.block_size or 1

@@ -1,5 +1,5 @@
 """Decoding algorithms written once against :class:`~megatron_nbdiff.inference.runner.ModelRunner`
-(METHOD.md section 3).
+(``docs/method.md``, "Decoding").
 
 Block decoding: prefill; each block starts as ``[first, m, ..., m]`` where ``first`` came from the
 previous causal pass; denoising passes commit the most confident masked token plus every masked

@@ -1,5 +1,9 @@
 """Runner for exported HF checkpoints: a transformers causal LM, 4D attention masks and its
-``DynamicCache`` (a denoising pass appends the block's KV, then the cache is cropped back)."""
+``DynamicCache`` (a denoising pass appends the block's KV, then the cache is cropped back).
+
+Weights are read from safetensors only. A directory whose weights exist only as pickles
+(``pytorch_model.bin`` and the like: loading one can run code) is refused unless the caller passes
+``allow_pickle=True`` (``--allow-pickle`` on ``tools/generate.py``) for a file it trusts."""
 from __future__ import annotations
 
 import os
@@ -34,16 +38,24 @@ class HFRunner(ModelRunner):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, device=None, dtype: Optional[str] = None,
-                        use_cache: bool = True) -> "HFRunner":
+                        use_cache: bool = True, allow_pickle: bool = False) -> "HFRunner":
         from transformers import AutoModelForCausalLM
 
         from ..checkpoint.errors import CheckpointMetadataError
         from ..checkpoint.metadata import METADATA_NAME, read_metadata
+        from ..checkpoint.safetensors_io import pickle_weight_files, safetensors_files
 
         if not os.path.isdir(directory):
             raise DecodingError(f"model directory not found: {directory}")
         if not os.path.isfile(os.path.join(directory, "config.json")):
             raise DecodingError(f"{directory} has no config.json: not a Hugging Face checkpoint")
+        pickled = pickle_weight_files(directory)
+        if not safetensors_files(directory) and pickled and not allow_pickle:
+            raise DecodingError(
+                f"{os.path.join(directory, pickled[0])} is a pickle, which can run code when loaded, "
+                "and the directory has no safetensors weights; pass --allow-pickle (allow_pickle=True) "
+                "only if you trust the file, or re-save the model with safetensors"
+            )
         meta = None
         if os.path.isfile(os.path.join(directory, METADATA_NAME)):
             try:
@@ -55,7 +67,8 @@ class HFRunner(ModelRunner):
         torch_dtype = _DTYPES[dtype] if dtype else (_DTYPES[meta.dtype] if meta else torch.float32)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True
+                directory, dtype=torch_dtype, attn_implementation="sdpa", local_files_only=True,
+                use_safetensors=None if allow_pickle else True,
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise DecodingError(f"{directory}: cannot load the HF model ({exc})") from None
@@ -79,6 +92,7 @@ class HFRunner(ModelRunner):
             layout=meta.attention_layout if meta else None,
             has_metadata=meta is not None,
             source=directory,
+            max_length=getattr(cfg, "max_position_embeddings", None),
         )
         return cls(model, info, tokenizer=tokenizer, use_cache=use_cache)
 

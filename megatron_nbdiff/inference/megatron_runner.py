@@ -36,14 +36,14 @@ class MegatronRunner(ModelRunner):
     @classmethod
     def from_checkpoint(cls, directory: str, *, tp: Optional[int] = None, dtype: Optional[str] = None,
                         use_cache: bool = True) -> "MegatronRunner":
-        from ..checkpoint.errors import CheckpointMetadataError
         from ..checkpoint.loader import load_model
+        from ..errors import NBDiffError
 
         if not os.path.isdir(directory):
             raise DecodingError(f"model directory not found: {directory}")
         try:
             model = load_model(directory, tp=tp, pp=1, dtype=dtype, parallel_output=False)
-        except CheckpointMetadataError as exc:
+        except NBDiffError as exc:  # a missing, corrupt or untrusted checkpoint, a bad layout
             raise DecodingError(str(exc)) from None
         if torch.cuda.is_available():
             model = model.cuda()
@@ -66,6 +66,7 @@ class MegatronRunner(ModelRunner):
             layout=meta.attention_layout,
             has_metadata=True,
             source=directory,
+            max_length=int(meta.model_config.get("max_seq_len") or 0) or None,
         )
         return cls(model, info, tokenizer=tokenizer, use_cache=use_cache)
 

@@ -46,6 +46,9 @@ class RunnerInfo:
     """Attention layout of training (``dual_context_causal``, ``single_annealed``, ``causal``...)."""
     has_metadata: bool
     source: str
+    max_length: Optional[int] = None
+    """Most positions (prompt, suffix and generated tokens) one row may use: the model's
+    ``max_seq_len`` / ``max_position_embeddings``; None when unknown."""
 
 
 def attention_mask(key_valid: torch.Tensor, q_start: int, block_start: Optional[int]) -> torch.Tensor:

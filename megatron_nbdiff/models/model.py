@@ -10,8 +10,9 @@ and fills ``clean``. Shift convention everywhere: the logit at position ``i`` pr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -124,10 +125,19 @@ class NBDiffModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.gpt.shared_embedding_or_output_weight()
 
-    def set_mask_spec(self, spec: MaskSpec) -> None:
-        """Point every layer's core attention at ``spec`` (done by :meth:`forward`)."""
+    @contextlib.contextmanager
+    def attention_context(self, spec: Optional[MaskSpec] = None, inference=None) -> Iterator[None]:
+        """Per-call attention state for one forward: every layer's core attention sees the mask
+        ``spec`` (training, evaluation) or the decoding state ``inference`` (a KV cache and an
+        explicit mask, :class:`~megatron_nbdiff.attention.core_attention.KVInference`), and both
+        are reset when the block ends, whatever happens inside it."""
         for module in self._core_attention:
-            module.mask_spec = spec
+            module.mask_spec, module.inference = spec, inference
+        try:
+            yield
+        finally:
+            for module in self._core_attention:
+                module.mask_spec, module.inference = None, None
 
     def forward(
         self,
@@ -171,12 +181,12 @@ class NBDiffModel(MegatronModule):
         spec = MaskSpec(layout, L, block_size, anneal_step, anneal_steps, anneal_seed)
         if doc_ids is not None and tuple(doc_ids.shape) != (b, L):
             raise ValueError(f"doc_ids must have shape {(b, L)}, found {tuple(doc_ids.shape)}")
-        self.set_mask_spec(spec)
         positions = torch.arange(L, device=ids.device)
         if dual:
             positions = torch.cat([positions, positions])
         position_ids = positions.unsqueeze(0).expand(b, -1)
-        out = self.gpt(ids, position_ids, doc_ids)
+        with self.attention_context(spec):
+            out = self.gpt(ids, position_ids, doc_ids)
         if not self.post_process:
             return StreamLogits(hidden=out)
         # out: [b, S, V_padded or V_partition]

@@ -1,4 +1,4 @@
-"""Block-size curriculum (METHOD.md section 1):
+"""Block-size curriculum (docs/method.md, "Block-size curriculum"):
 ``B(s) = min(B_max, B_0 * r ** floor(max(0, s - s_0) / D))``, by default 1, 2, 4, ..., 32."""
 from __future__ import annotations
 

@@ -9,9 +9,8 @@
   numbers of tokens.
 * Single-stream (DiffuLLaMA): the diffusion loss alone over one noisy stream (weights ``1/t``).
 
-Logits are ``[b, L, V]``, or ``[b, L, V/tp]`` with ``vocab_parallel=True`` (megatron's
-vocab-parallel cross-entropy then reduces over the tensor-parallel group). Cross-entropy is
-computed in fp32.
+Logits are ``[b, L, V]``, or ``[b, L, V/tp]`` when a tensor-parallel ``tp_group`` is given (the
+cross-entropy then reduces over that group). Cross-entropy is computed in fp32.
 """
 from __future__ import annotations
 
@@ -19,40 +18,64 @@ import dataclasses
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-
 
 # Logit given to padded vocabulary rows: exp() of it is 0 in fp32, and it stays finite, so a
 # tensor-parallel partition made only of padding cannot produce inf - inf.
 _PAD_LOGIT = -1.0e9
 
 
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits split over the vocabulary across ``group`` (each rank holds the
+    columns ``[start, start + V/tp)``): the max, the target logit and the sum of exponentials are
+    all-reduced over ``group``; the backward is ``softmax - onehot`` on the local columns, so the
+    replicated loss gives every rank the gradient of its own partition (megatron-core's scheme,
+    with the process group passed in instead of read from global state)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, group, start):
+        part = logits.shape[-1]
+        top = logits.max(dim=-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - top.unsqueeze(-1)
+        local = (targets >= start) & (targets < start + part)
+        idx = (targets - start).clamp(0, part - 1)
+        picked = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * local
+        dist.all_reduce(picked, group=group)
+        exp = shifted.exp()
+        total = exp.sum(dim=-1)
+        dist.all_reduce(total, group=group)
+        ctx.save_for_backward(exp.div_(total.unsqueeze(-1)), idx, local)
+        return total.log() - picked
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, idx, local = ctx.saved_tensors
+        g = softmax.scatter_add(-1, idx.unsqueeze(-1), -local.unsqueeze(-1).to(softmax.dtype))
+        return g * grad.unsqueeze(-1), None, None, None
+
+
 def token_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy ``[b, n]`` of ``targets [b, n]`` under ``logits [b, n, V]``.
 
-    ``vocab_size`` (the real vocabulary) excludes the rows added by padding for tensor
-    parallelism from the softmax, so the loss does not depend on the padded size (which grows
-    with TP)."""
-    if vocab_parallel:
-        from megatron.core import parallel_state, tensor_parallel
-
+    ``tp_group``: None when the logits hold the whole vocabulary; the tensor-parallel process
+    group when each rank holds its vocabulary partition ``[b, n, V/tp]``. ``vocab_size`` (the real
+    vocabulary) excludes the rows added by padding for tensor parallelism from the softmax, so the
+    loss does not depend on the padded size (which grows with TP)."""
+    if tp_group is not None:
         logits = logits.float()
-        if vocab_size is not None:
-            part = logits.shape[-1]
-            start = parallel_state.get_tensor_model_parallel_rank() * part
-            if start + part > vocab_size:
-                pad = torch.arange(start, start + part, device=logits.device) >= vocab_size
-                logits = logits.masked_fill(pad, _PAD_LOGIT)
-        # megatron's kernel takes [s, b, V/tp] and [s, b]
-        loss = tensor_parallel.vocab_parallel_cross_entropy(
-            logits.transpose(0, 1).contiguous(), targets.transpose(0, 1).contiguous()
-        )
-        return loss.transpose(0, 1)
+        part = logits.shape[-1]
+        start = dist.get_rank(group=tp_group) * part
+        if vocab_size is not None and start + part > vocab_size:
+            pad = torch.arange(start, start + part, device=logits.device) >= vocab_size
+            logits = logits.masked_fill(pad, _PAD_LOGIT)
+        return _VocabParallelCrossEntropy.apply(logits, targets, tp_group, start)
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     b, n, v = logits.shape
@@ -86,11 +109,11 @@ def diffusion_token_losses(
     noisy_logits: torch.Tensor,
     clean_ids: torch.Tensor,
     weight: torch.Tensor,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Weighted per-target diffusion losses ``[b, L-1]``; ``weight`` is 0 where not masked."""
-    ce = token_cross_entropy(noisy_logits[:, :-1], clean_ids[:, 1:], vocab_parallel, vocab_size)
+    ce = token_cross_entropy(noisy_logits[:, :-1], clean_ids[:, 1:], tp_group, vocab_size)
     return ce * _shifted(weight).float()
 
 
@@ -98,11 +121,11 @@ def ar_token_losses(
     clean_logits: torch.Tensor,
     clean_ids: torch.Tensor,
     loss_mask: torch.Tensor,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-target next-token losses ``[b, L-1]`` (zero where ``loss_mask`` is 0)."""
-    ce = token_cross_entropy(clean_logits[:, :-1], clean_ids[:, 1:], vocab_parallel, vocab_size)
+    ce = token_cross_entropy(clean_logits[:, :-1], clean_ids[:, 1:], tp_group, vocab_size)
     return ce * _shifted(loss_mask).float()
 
 
@@ -114,7 +137,7 @@ def dual_stream_loss(
     is_masked: Optional[torch.Tensor],
     loss_mask: torch.Tensor,
     ar_weight: float,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> LossParts:
     """NBDiff / transplant / block-causal loss ``L_diff + ar_weight * L_AR``.
@@ -122,12 +145,12 @@ def dual_stream_loss(
     ``noisy_logits=None`` is the block-size-1 case, where the noisy stream has no masked
     positions and is skipped: only ``ar_weight * L_AR`` remains."""
     n = num_target_tokens(loss_mask).clamp(min=1.0)
-    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, vocab_parallel, vocab_size).sum() / n
+    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
     if noisy_logits is None:
         diff = clean_logits.new_zeros((), dtype=torch.float32)
         masked = diff.new_zeros(())
     else:
-        diff = diffusion_token_losses(noisy_logits, clean_ids, weight, vocab_parallel, vocab_size).sum() / n
+        diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size).sum() / n
         masked = _shifted(is_masked).float().sum()
     return LossParts(
         loss=diff + ar_weight * ar, diffusion=diff.detach(), ar=ar.detach(),
@@ -141,12 +164,12 @@ def single_stream_loss(
     weight: torch.Tensor,
     is_masked: torch.Tensor,
     loss_mask: torch.Tensor,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> LossParts:
     """DiffuLLaMA loss: masked tokens under the shifted logits of the single noisy stream."""
     n = num_target_tokens(loss_mask).clamp(min=1.0)
-    diff = diffusion_token_losses(noisy_logits, clean_ids, weight, vocab_parallel, vocab_size).sum() / n
+    diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size).sum() / n
     zero = diff.new_zeros(())
     return LossParts(
         loss=diff, diffusion=diff.detach(), ar=zero, num_tokens=n.detach(),
@@ -158,11 +181,11 @@ def ar_loss(
     clean_logits: torch.Tensor,
     clean_ids: torch.Tensor,
     loss_mask: torch.Tensor,
-    vocab_parallel: bool = False,
+    tp_group=None,
     vocab_size: Optional[int] = None,
 ) -> LossParts:
     """Plain next-token training (the ``ar`` recipe)."""
     n = num_target_tokens(loss_mask).clamp(min=1.0)
-    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, vocab_parallel, vocab_size).sum() / n
+    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
     zero = ar.new_zeros(())
     return LossParts(loss=ar, diffusion=zero, ar=ar.detach(), num_tokens=n.detach(), num_masked=zero)

@@ -8,10 +8,15 @@ from ..fileio import save_figure
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
+    """(train records, evaluation records) of a ``metrics.jsonl``; a torn last line (a kill
+    while it was written) is skipped."""
     train, evals = [], []
     with open(path) as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
             (evals if "eval_loss" in rec else train).append(rec)
     return train, evals
 

@@ -1,4 +1,15 @@
-"""Named adaptation recipes (METHOD.md sections 1 and 2).
+"""Adaptation recipes as behaviour (docs/method.md, "Recipes").
+
+A recipe is an object resolved once from its :class:`~megatron_nbdiff.config.RecipeConfig`. It
+tells the rest of the stack everything that differs between recipes:
+
+* ``layout`` (the attention layout), ``needs_mask_token``;
+* ``block_size(step)`` (its curriculum) and ``stream_length(seq_len, block_size)`` (what the
+  pipeline schedule sends between stages);
+* ``forward_and_loss(tokens, sample_index, model, ctx)``, in the shape of Megatron-LM's
+  ``forward_step``: noise the micro-batch, run the model, and return the model output with a
+  function from that output to :class:`~megatron_nbdiff.training.losses.LossParts`;
+* ``metadata_block_size(step, seq_len)``, the block size a checkpoint records for decoding.
 
 =============  =====================  ========  ======================  ============  ==========
 recipe         attention layout       lambda    block size              t             weight
@@ -7,114 +18,228 @@ nbdiff         dual_context_causal    0.5       curriculum 1 -> 32      per bloc
 transplant     dual_context_causal    0         fixed 32                per block     1
 block_causal   dual_block_causal      0.5       curriculum 1 -> 32      per block     1
 diffullama     single_annealed        -         whole sequence          per sequence  1/t
-ar             causal                 -         -                       -             -
+ar             causal                 -         1                       -             -
 =============  =====================  ========  ======================  ============  ==========
 
-``block_causal`` is NBDiff with the BD3-LM clean-stream mask (METHOD.md Table 1's ablation).
-Every default can be overridden in the config's ``recipe`` section.
+Adding a recipe is one class in one file: subclass :class:`Recipe` (or :class:`DualStreamRecipe`),
+decorate it with :func:`register_recipe`, and name it in the config's ``recipe.name``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, ClassVar, Optional
 
+import torch
+
+from ..config import RecipeConfig
+from ..errors import ConfigError
+from ..noise import mask_tokens
 from .curriculum import BlockCurriculum
+from .losses import LossParts, ar_loss, dual_stream_loss, single_stream_loss
 
-RECIPE_NAMES = ("nbdiff", "transplant", "block_causal", "diffullama", "ar")
-
-_DEFAULTS = {
-    "nbdiff": dict(layout="dual_context_causal", ar_weight=0.5, block_start=1, weight_mode="one",
-                   t_mode="per_block"),
-    "transplant": dict(layout="dual_context_causal", ar_weight=0.0, block_start=32,
-                       weight_mode="one", t_mode="per_block"),
-    "block_causal": dict(layout="dual_block_causal", ar_weight=0.5, block_start=1,
-                         weight_mode="one", t_mode="per_block"),
-    "diffullama": dict(layout="single_annealed", ar_weight=0.0, block_start=1, weight_mode="inv_t",
-                       t_mode="per_sequence"),
-    "ar": dict(layout="causal", ar_weight=1.0, block_start=1, weight_mode="one", t_mode="per_block"),
-}
+LossFn = Callable[[object], LossParts]
 
 
-@dataclasses.dataclass
-class RecipeConfig:
-    """Which recipe, and any departures from its defaults (None = the recipe's default)."""
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Per-call state of one training (or evaluation) step, passed to the recipe."""
 
-    name: str = "nbdiff"
-    """One of nbdiff, transplant, block_causal, diffullama, ar."""
-    ar_weight: Optional[float] = None
-    """lambda, the weight of the clean-stream AR loss (dual recipes)."""
-    block_size: Optional[int] = None
-    """Fixed block size; None means the recipe's curriculum (nbdiff, block_causal) or 32."""
-    block_max: int = 32
-    """Curriculum target B_max."""
-    block_factor: int = 2
-    """Curriculum growth factor r."""
-    block_interval: int = 500
-    """Curriculum steps per growth D."""
-    block_offset: int = 0
-    """Curriculum start step s_0."""
-    anneal_steps: int = 1000
-    """DiffuLLaMA attention-mask annealing length K (0: bidirectional from the start)."""
-    weight_mode: Optional[str] = None
-    """Diffusion loss weight per masked token: 'one' or 'inv_t'."""
-    t_mode: Optional[str] = None
-    """'per_block' or 'per_sequence'."""
-    t_sampling: str = "uniform"
-    """'uniform', 'antithetic' or 'stratified'."""
-    eps: float = 1e-3
-    """Lower end of t ~ U(eps, 1)."""
-    mask_token_id: Optional[int] = None
-    """Mask token id; None takes it from the checkpoint's nbdiff.json."""
-    pack_documents: bool = True
-    """Restrict attention to document boundaries inside packed sequences."""
+    step: int
+    """The optimizer step; keys the noise and the annealing."""
+    block_size: int
+    """The block size of this step (the recipe's ``block_size(step)``)."""
+    seed: int
+    """The run's seed (noise, annealing hash)."""
+    mask_token_id: Optional[int]
+    """The mask token, or None for recipes that need none."""
+    doc_ids: Optional[torch.Tensor]
+    """Document ids ``[mbs, L]`` of the micro-batch, or None (no packing restriction)."""
+    loss_kwargs: dict
+    """Vocabulary arguments of the losses (``tp_group``, ``vocab_size``)."""
+    validate_noise: bool = True
+    """Range checks in the noise kernel (off on CUDA: they synchronise the host)."""
 
-    def __post_init__(self):
-        if self.name not in RECIPE_NAMES:
-            raise ValueError(f"unknown recipe {self.name!r}; expected one of {', '.join(RECIPE_NAMES)}")
-        if self.weight_mode not in (None, "one", "inv_t"):
-            raise ValueError(f"recipe.weight_mode must be 'one' or 'inv_t', found {self.weight_mode!r}")
-        if self.t_mode not in (None, "per_block", "per_sequence"):
-            raise ValueError(f"recipe.t_mode must be 'per_block' or 'per_sequence', found {self.t_mode!r}")
-        if self.t_sampling not in ("uniform", "antithetic", "stratified"):
-            raise ValueError(f"recipe.t_sampling must be uniform, antithetic or stratified, found {self.t_sampling!r}")
-        if not 0.0 < self.eps < 1.0:
-            raise ValueError(f"recipe.eps must be in (0, 1), found {self.eps}")
-        if self.ar_weight is not None and self.ar_weight < 0:
-            raise ValueError(f"recipe.ar_weight must be >= 0, found {self.ar_weight}")
-        if self.anneal_steps < 0:
-            raise ValueError(f"recipe.anneal_steps must be >= 0, found {self.anneal_steps}")
-        self.curriculum()  # validates the block-size fields
 
-    def _default(self, key):
-        return _DEFAULTS[self.name][key]
+class Recipe:
+    """Base class: a recipe's defaults and behaviour. Subclasses set the class attributes and
+    implement :meth:`forward_and_loss`."""
 
-    @property
-    def layout(self) -> str:
-        return self._default("layout")
+    name: ClassVar[str]
+    layout: ClassVar[str]
+    needs_mask_token: ClassVar[bool] = True
+    default_ar_weight: ClassVar[float] = 0.0
+    default_weight_mode: ClassVar[str] = "one"
+    default_t_mode: ClassVar[str] = "per_block"
+    block_start: ClassVar[Optional[int]] = None
+    """The curriculum's B_0, or None for a fixed block size of ``block_max``."""
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.ar_weight = self.default_ar_weight if cfg.ar_weight is None else float(cfg.ar_weight)
+        self.weight_mode = cfg.weight_mode or self.default_weight_mode
+        self.t_mode = cfg.t_mode or self.default_t_mode
+        self.curriculum = self._curriculum()
+
+    def _curriculum(self) -> BlockCurriculum:
+        c = self.cfg
+        if c.block_size is not None:
+            return BlockCurriculum(start=c.block_size, maximum=c.block_size, interval=0)
+        start = c.block_max if self.block_start is None else self.block_start
+        if start >= c.block_max:
+            return BlockCurriculum(start=start, maximum=start, interval=0)
+        return BlockCurriculum(start=start, factor=c.block_factor, maximum=c.block_max,
+                               interval=c.block_interval, offset=c.block_offset)
 
     @property
     def dual(self) -> bool:
+        """Whether the model runs ``[x_t ; x_0]`` (every block size must divide ``seq_len``)."""
         return self.layout.startswith("dual_")
 
-    @property
-    def lam(self) -> float:
-        return self._default("ar_weight") if self.ar_weight is None else float(self.ar_weight)
+    def block_size(self, step: int) -> int:
+        return self.curriculum.block_size(step)
 
-    @property
-    def weight(self) -> str:
-        return self.weight_mode or self._default("weight_mode")
+    def stream_length(self, seq_len: int, block_size: int) -> int:
+        """Length of the sequence the model runs at this block size."""
+        return seq_len
 
-    @property
-    def t(self) -> str:
-        return self.t_mode or self._default("t_mode")
+    def metadata_block_size(self, step: int, seq_len: int) -> int:
+        """The block size a checkpoint after ``step`` steps records for decoding."""
+        return self.block_size(max(step - 1, 0))
 
-    def curriculum(self) -> BlockCurriculum:
-        if self.block_size is not None:
-            return BlockCurriculum(start=self.block_size, maximum=max(self.block_size, 1), interval=0)
-        start = self._default("block_start")
-        if start == self.block_max or self.name in ("diffullama", "ar"):
-            return BlockCurriculum(start=start, maximum=max(start, 1), interval=0)
-        return BlockCurriculum(
-            start=start, factor=self.block_factor, maximum=self.block_max,
-            interval=self.block_interval, offset=self.block_offset,
+    def check(self, seq_len: int, steps: int) -> None:
+        """Refuse a run this recipe cannot do (ConfigError naming the field)."""
+
+    def noise(self, tokens: torch.Tensor, sample_index: torch.Tensor, loss_mask: torch.Tensor,
+              ctx: StepContext, block_size: Optional[int]):
+        """The masking noise of a micro-batch, keyed by (seed, step, sample index, position)."""
+        return mask_tokens(
+            tokens, block_size=block_size, mask_token_id=ctx.mask_token_id, seed=ctx.seed,
+            step=ctx.step, sample_index=sample_index.to(tokens.device), loss_mask=loss_mask,
+            t_mode=self.t_mode, t_sampling=self.cfg.t_sampling, eps=self.cfg.eps,
+            weight_mode=self.weight_mode, validate=ctx.validate_noise,
         )
+
+    def forward_and_loss(self, tokens: torch.Tensor, sample_index: torch.Tensor, model,
+                         ctx: StepContext) -> tuple[object, LossFn]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Recipe]] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    """Class decorator: make ``cls`` available as ``recipe.name: <cls.name>``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def recipe_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def resolve_recipe(cfg: RecipeConfig) -> Recipe:
+    """The recipe object of a config (ConfigError for an unknown name)."""
+    cls = _REGISTRY.get(cfg.name)
+    if cls is None:
+        raise ConfigError(f"unknown recipe {cfg.name!r}; expected one of {', '.join(_REGISTRY)}")
+    return cls(cfg)
+
+
+@register_recipe
+class ARRecipe(Recipe):
+    """Plain next-token training on the clean stream."""
+
+    name = "ar"
+    layout = "causal"
+    needs_mask_token = False
+    default_ar_weight = 1.0
+    block_start = 1
+
+    def _curriculum(self) -> BlockCurriculum:
+        return BlockCurriculum(start=1, maximum=1, interval=0)
+
+    def metadata_block_size(self, step: int, seq_len: int) -> int:
+        return 1
+
+    def forward_and_loss(self, tokens, sample_index, model, ctx):
+        loss_mask = torch.ones_like(tokens)
+        out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
+        return out, lambda o: ar_loss(o.clean, tokens, loss_mask, **ctx.loss_kwargs)
+
+
+class DualStreamRecipe(Recipe):
+    """``[x_t ; x_0]`` training: diffusion loss on the noisy stream plus ``ar_weight`` times the
+    AR loss on the clean stream. At block size 1 the noisy stream has no masked position, so the
+    step runs the clean stream alone (exactly an AR step scaled by ``ar_weight``)."""
+
+    layout = "dual_context_causal"
+    default_ar_weight = 0.5
+
+    def check(self, seq_len: int, steps: int) -> None:
+        for s, b in self.curriculum.changes(steps):
+            if seq_len % b != 0:
+                raise ConfigError(f"train.seq_len {seq_len} is not divisible by block size {b} (reached at step {s})")
+
+    def stream_length(self, seq_len: int, block_size: int) -> int:
+        return 2 * seq_len if block_size > 1 else seq_len
+
+    def forward_and_loss(self, tokens, sample_index, model, ctx):
+        loss_mask = torch.ones_like(tokens)
+        if ctx.block_size == 1:
+            out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
+            return out, lambda o: dual_stream_loss(None, o.clean, tokens, None, None, loss_mask,
+                                                   self.ar_weight, **ctx.loss_kwargs)
+        noise = self.noise(tokens, sample_index, loss_mask, ctx, block_size=ctx.block_size)
+        out = model(tokens, noise.noisy_ids, layout=self.layout, block_size=ctx.block_size, doc_ids=ctx.doc_ids)
+        return out, lambda o: dual_stream_loss(o.noisy, o.clean, tokens, noise.weight, noise.is_masked,
+                                               loss_mask, self.ar_weight, **ctx.loss_kwargs)
+
+
+@register_recipe
+class NBDiffRecipe(DualStreamRecipe):
+    """NBDiff: context-causal dual stream, AR loss at lambda 0.5, block size grown 1 -> 32."""
+
+    name = "nbdiff"
+    block_start = 1
+
+
+@register_recipe
+class TransplantRecipe(DualStreamRecipe):
+    """Plain fine-tuning at the target block size: no AR loss, no curriculum."""
+
+    name = "transplant"
+    default_ar_weight = 0.0
+
+
+@register_recipe
+class BlockCausalRecipe(DualStreamRecipe):
+    """NBDiff with the BD3-LM clean-stream mask (block-causal clean to clean): the ablation."""
+
+    name = "block_causal"
+    layout = "dual_block_causal"
+    block_start = 1
+
+
+@register_recipe
+class DiffuLLaMARecipe(Recipe):
+    """Full-sequence masked diffusion on one stream with attention-mask annealing: one t per
+    sequence, weight 1/t, the annealing step equal to the training step."""
+
+    name = "diffullama"
+    layout = "single_annealed"
+    default_weight_mode = "inv_t"
+    default_t_mode = "per_sequence"
+
+    def _curriculum(self) -> BlockCurriculum:
+        return BlockCurriculum(start=1, maximum=1, interval=0)  # no blocks: the whole sequence
+
+    def metadata_block_size(self, step: int, seq_len: int) -> int:
+        return seq_len
+
+    def forward_and_loss(self, tokens, sample_index, model, ctx):
+        loss_mask = torch.ones_like(tokens)
+        noise = self.noise(tokens, sample_index, loss_mask, ctx, block_size=None)
+        out = model(noisy_ids=noise.noisy_ids, layout=self.layout, doc_ids=ctx.doc_ids,
+                    anneal_step=ctx.step, anneal_steps=self.cfg.anneal_steps, anneal_seed=ctx.seed)
+        return out, lambda o: single_stream_loss(o.noisy, tokens, noise.weight, noise.is_masked, loss_mask,
+                                                 **ctx.loss_kwargs)

@@ -220,7 +220,7 @@ say "job 1 ($J1) completed"
 
 # ---- 5. job 2: preempted (SIGUSR1, then SIGTERM), requeued, resumed ----------------------------
 RUN2="$WORK/run2"
-STEPS2=60
+STEPS2=120  # long enough that the operator's requeue comes before the end
 J2="$(launch "$RUN2" nbdiff-preempt train.steps=$STEPS2 checkpoint.save_interval=0)" || fail "job 2: launch failed"
 J2="$(echo "$J2" | head -n 1)"
 [[ "$J2" =~ ^[0-9]+$ ]] || fail "job 2: launch_slurm.py printed no job id ('$J2')"
@@ -243,8 +243,8 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.25
     fail "job 2: no $what after $limit s"
 }
 logged_steps() { local n; n="$(grep -c '"loss"' "$RUN2/metrics.jsonl" 2>/dev/null || true)"; echo "${n:-0}"; }
-resumed_at() {  # the step of the N-th "resumed from" line of job 2's log
-    tr '\r' '\n' < "$LOG2" 2>/dev/null | sed -n 's/^resumed from .* at step \([0-9]*\)$/\1/p' | sed -n "${1}p"
+resumed_at() {  # the step of the N-th "resumed from [PATH at ]step N" line of job 2's log
+    tr '\r' '\n' < "$LOG2" 2>/dev/null | sed -n 's/^resumed from \(.* at \)\{0,1\}step \([0-9]*\)$/\2/p' | sed -n "${1}p"
 }
 started() { [ "$(logged_steps)" -ge 3 ]; }
 resumed_once() { local k; k="$(resumed_at 1)"; [ -n "$k" ] && [ "$(logged_steps)" -ge $(( k + 3 )) ]; }
@@ -273,7 +273,7 @@ for needle in ("SIGUSR1 (time limit or preemption ahead)", "exit 75: checkpoint 
                f"job {job} start 0:", f"job {job} start 1:", f"job {job} start 2:", "run complete"):
     assert needle in log, (needle, log[-3000:])
 assert log.count("requeueing job") == 1, "the batch shell requeued the job more than once"
-resumed = [int(k) for k in re.findall(r"^resumed from \S+ at step (\d+)$", log, re.M)]
+resumed = [int(k) for k in re.findall(r"^resumed from (?:\S+ at )?step (\d+)$", log, re.M)]
 assert len(resumed) == 2 and 3 <= resumed[0] < resumed[1] < steps, resumed
 
 

@@ -1,0 +1,147 @@
+"""The model, its megatron-core DDP wrapper, optimizer and LR scheduler, and their sharded state.
+
+The optimizer is megatron-core's (distributed with CUDA; the plain one on CPU, where the
+distributed one cannot run) with gradient clipping; the scheduler is its
+``OptimizerParamScheduler``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import compat
+from ..config import ModelConfig, TrainConfig
+
+
+@dataclasses.dataclass
+class ModelAndOptimizer:
+    model: object
+    """The DDP-wrapped model (what the pipeline schedule runs)."""
+    inner: object
+    """The :class:`~megatron_nbdiff.models.NBDiffModel` inside the wrappers."""
+    optimizer: object
+    scheduler: object
+    num_params: int
+    """Parameters over the model-parallel group (all TP shards and PP stages)."""
+
+    def sharded_state(self, optimizer_format: str, loading: bool = False, with_optimizer: bool = True) -> dict:
+        """Model (and optimizer) state for ``dist_checkpointing``. The distributed optimizer's
+        state is laid out as ``optimizer_format`` (megatron-core's ``distrib_optim_sharding_type``:
+        ``dp_reshardable`` or ``fully_reshardable``); the plain optimizer ignores it."""
+        model_sd = self.inner.sharded_state_dict()
+        if not with_optimizer:
+            return {"model": model_sd}
+        metadata = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)}
+
+    def load_checkpoint(self, path: str, record: dict) -> None:
+        """Load model, optimizer and scheduler state from the training checkpoint at ``path``
+        (its ``trainer_state.json`` is ``record``); resharded to the current layout."""
+        from megatron.core import dist_checkpointing
+
+        first = int(record["step"]) == 0  # no optimizer step yet: no Adam moments to restore
+        if not first:
+            self.materialise_optimizer_state()
+        wanted = self.sharded_state(record.get("optimizer_format", "dp_reshardable"), loading=True,
+                                    with_optimizer=not first)
+        with compat.cpu_device_mode():
+            loaded = dist_checkpointing.load(wanted, path)
+        self.inner.gpt.load_state_dict(loaded["model"])
+        if "optimizer" in loaded:
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(record["scheduler"])
+
+    def materialise_optimizer_state(self) -> None:
+        """Give a fresh distributed optimizer its Adam state before a checkpoint is loaded into it.
+
+        Without Apex or Transformer Engine, megatron-core's DistributedOptimizer reads the torch
+        Adam ``step`` of every parameter when it builds its state dict, and a fresh optimizer has
+        none. One Adam step on zero gradients of the fp32 main parameters creates the state
+        tensors; the load then overwrites all of them (and the main parameters)."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not isinstance(opt, DistributedOptimizer) or len(opt.optimizer.state) > 0:
+                continue
+            for group in opt.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            opt.optimizer.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+
+
+def unwrap(model):
+    """The innermost module under megatron's DDP and Float16Module wrappers (and torch's)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first_stage: bool,
+                              last_stage: bool, model_parallel_group, device) -> ModelAndOptimizer:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from ..models import NBDiffModel
+
+    cuda = torch.cuda.is_available()
+    tc = mc.transformer_config(tp=t.tp, pp=t.pp, dtype=dtype, sequence_parallel=t.sequence_parallel)
+    tc.finalize_model_grads_func = finalize_model_grads
+    torch.manual_seed(t.seed)
+    model = NBDiffModel(mc, tc, pre_process=first_stage, post_process=last_stage, parallel_output=True)
+    if cuda:
+        model.cuda(torch.cuda.current_device())
+    if dtype == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(tc, model)
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cuda,
+                                            overlap_grad_reduce=False, average_in_collective=True)
+    wrapped = DistributedDataParallel(tc, ddp_cfg, model)
+    opt_cfg = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, bf16=dtype == "bf16", params_dtype=tc.params_dtype,
+        use_distributed_optimizer=cuda,
+    )
+    with compat.cpu_device_mode():
+        optimizer = get_megatron_optimizer(opt_cfg, [wrapped])
+    decay_style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[t.lr_schedule]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(t.steps, t.warmup_steps + 1),
+        lr_decay_style=decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=t.steps, wd_incr_style="constant",
+        wsd_decay_steps=t.wsd_decay_steps if decay_style == "WSD" else None,
+        lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
+    )
+    totals = torch.tensor([sum(p.numel() for p in wrapped.parameters())], dtype=torch.float64, device=device)
+    dist.all_reduce(totals, group=model_parallel_group)  # nccl needs device tensors
+    return ModelAndOptimizer(wrapped, unwrap(wrapped), optimizer, scheduler, int(totals.item()))
+
+
+def optimizer_step(optimizer) -> tuple[bool, float]:
+    """One optimizer step (with clipping); returns (whether it was applied, the gradient norm)."""
+    with compat.cpu_device_mode():
+        ok, grad_norm, _ = optimizer.step()
+    return bool(ok), float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def peak_flops_per_token(num_params: int, mc: ModelConfig, seq: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls plus the attention scores
+    (6 * layers * heads * head_dim * seq, causal-like density)."""
+    return 6 * num_params + 6 * mc.num_layers * mc.num_attention_heads * mc.kv_channels * seq
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: Optional[float], world: int) -> Optional[float]:
+    """Model FLOPs utilisation; None without a peak (CPU without ``train.peak_tflops``)."""
+    if peak_tflops is None and torch.cuda.is_available():
+        peak_tflops = 989.0  # H100 bf16 dense
+    if peak_tflops is None:
+        return None
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12 * world)

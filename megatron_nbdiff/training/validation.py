@@ -1,0 +1,149 @@
+"""Run validation: everything about a run config that can be checked before any work starts,
+shared by the trainer and the Slurm launcher (which validates exactly as the job will).
+
+:func:`validate_run` reads the init checkpoint's metadata, the data tokenizer and the indexed
+datasets' headers and token ids; it writes nothing (the token scan is remembered only when a
+cache folder is given) and raises an :class:`~megatron_nbdiff.errors.NBDiffError` naming the
+field or file at the first problem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from ..config import ModelConfig, RunConfig
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..parallel import check_parallel_sizes
+from .recipes import Recipe, resolve_recipe
+
+RESUMABLE_CHANGES = (
+    # length and cadence
+    "train.steps", "train.log_interval", "train.eval_interval", "train.eval_iters", "train.peak_tflops",
+    "checkpoint.save_interval", "checkpoint.keep",
+    # layout: checkpoints reshard to any TP/PP/DP, micro-batching only changes the summation order
+    "train.tp", "train.pp", "train.sequence_parallel", "train.micro_batch_size", "model.attention_backend",
+    "checkpoint.optimizer_format",
+    # places: a run folder, a cache or a tokenizer that moved
+    "checkpoint.save_dir", "checkpoint.init_from", "data.cache_dir", "data.tokenizer",
+)
+"""Fields a resumed run may change; any other difference from the checkpoint's run config (the
+learning rate, the recipe, the data, the architecture, ...) is refused."""
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """What validation resolved: the pieces the trainer builds from."""
+
+    model: ModelConfig
+    recipe: Recipe
+    mask_token_id: Optional[int]
+    eod_id: int
+    tokenizer_vocab: int
+    init_meta: object  # checkpoint.metadata.NBDiffMetadata or None
+
+
+def _init_metadata(cfg: RunConfig):
+    src = cfg.checkpoint.init_from
+    if src is None:
+        return None
+    from ..checkpoint.metadata import read_metadata
+
+    if not os.path.isdir(src):
+        raise CheckpointError(f"checkpoint.init_from: {src} is not a directory")
+    return read_metadata(src, kind="megatron")
+
+
+def _data_tokenizer(cfg: RunConfig):
+    """The tokenizer the data was made with: data.tokenizer, else the init checkpoint's."""
+    from ..data.tokenizer import Tokenizer, TokenizerError
+
+    if cfg.data.tokenizer is not None:
+        return Tokenizer(cfg.data.tokenizer)
+    if cfg.checkpoint.init_from:
+        try:
+            return Tokenizer(cfg.checkpoint.init_from)
+        except TokenizerError:
+            pass
+    raise ConfigError("cannot tell the end-of-document token: set data.tokenizer (the tokenizer used by "
+                      "tools/preprocess_data.py)")
+
+
+def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True,
+                 cache_dir: Optional[str] = None) -> RunPlan:
+    """Check a run config as a whole; see the module docstring. ``world_size`` (processes of the
+    job) adds the parallel-layout and batch checks that need it."""
+    t = cfg.train
+    save_dir = cfg.checkpoint.save_dir
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ConfigError(f"checkpoint.save_dir {save_dir} exists and is not a directory")
+    meta = _init_metadata(cfg)
+    if cfg.model is not None and meta is not None and cfg.model.to_dict() != meta.get_model_config().to_dict():
+        raise ConfigError(f"the model section differs from the architecture of {cfg.checkpoint.init_from}; "
+                          "leave 'model' out when starting from a checkpoint")
+    mc = cfg.model if cfg.model is not None else (meta.get_model_config() if meta is not None else None)
+    if mc is None:
+        raise ConfigError("no model: give a 'model' section or checkpoint.init_from")
+    if t.seq_len > mc.max_seq_len:
+        raise ConfigError(f"train.seq_len {t.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")
+    recipe = resolve_recipe(cfg.recipe)
+    recipe.check(t.seq_len, t.steps)
+    mask = cfg.recipe.mask_token_id
+    if mask is None and meta is not None and meta.mask_token is not None:
+        mask = int(meta.mask_token["id"])
+    if recipe.needs_mask_token and mask is None:
+        raise ConfigError(f"recipe {recipe.name!r} needs a mask token: set recipe.mask_token_id or start from a "
+                          "checkpoint whose nbdiff.json names one")
+    if mask is not None and not 0 <= mask < mc.vocab_size:
+        raise ConfigError(f"mask token id {mask} is outside the vocabulary (size {mc.vocab_size})")
+    check_parallel_sizes(mc, tp=t.tp, pp=t.pp, world_size=world_size)
+    if world_size is not None:
+        dp = world_size // (t.tp * t.pp)
+        if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+            raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
+                              f"{t.micro_batch_size} x data-parallel size {dp}")
+    tok = _data_tokenizer(cfg)
+    if tok.eod_id is None:
+        raise ConfigError(f"tokenizer {tok.path} has no end-of-document (eos) token")
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
+                          f"{mc.vocab_size} rows")
+    if check_data:
+        from ..data.datasets import check_prefix, check_token_ids, data_prefixes
+
+        for prefix in data_prefixes(cfg.data.train):
+            check_prefix(prefix)
+            check_token_ids(prefix, mc.vocab_size, mask, tok.vocab_size, cache_dir)
+    return RunPlan(mc, recipe, mask, int(tok.eod_id), tok.vocab_size, meta)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and prefix == "":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume(record: dict, cfg: RunConfig, model: ModelConfig, where: str) -> None:
+    """Refuse to resume a checkpoint whose run config differs from ``cfg`` outside
+    :data:`RESUMABLE_CHANGES` (a changed ``lr`` would otherwise be ignored silently), or whose
+    architecture differs from ``model`` (a changed ``init_from``)."""
+    saved = record.get("config")
+    if record.get("model") is not None and record["model"] != model.to_dict():
+        changed = sorted(k for k in model.to_dict() if record["model"].get(k) != model.to_dict()[k])
+        raise ConfigError(f"{where} holds another architecture ({', '.join(changed[:4])} differ); "
+                          "use a new checkpoint.save_dir")
+    if not saved:
+        raise TrainingError(f"{where}: the checkpoint records no run config; resume it with the version that wrote it")
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise ConfigError(
+            f"{where} was written with a different run config ({detail}); only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change on resume: use a new checkpoint.save_dir"
+        )
