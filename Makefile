@@ -1,12 +1,13 @@
 # Fresh-machine entry points. `make test` creates .venv if missing, installs the pinned
-# dependencies and the project (with its C++ extension) and runs the CPU test suite;
+# dependencies and the project (with its C++ extension and console commands), runs the linter
+# (ruff, configured in ruff.toml) and the CPU test suite;
 # `make quickstart` installs the same and runs the whole pipeline on an embedded default.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.nbdiff-installed
 
-.PHONY: test install quickstart clean
+.PHONY: test lint install quickstart clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -20,7 +21,10 @@ $(STAMP): $(VPY) requirements.txt requirements-eval.txt setup.py $(wildcard csrc
 
 install: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VPY) -m pytest -q tests
 
 # The whole pipeline on an embedded default (CPU, under 15 minutes with the install).

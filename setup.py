@@ -68,13 +68,13 @@ EXTRAS_REQUIRE = {
     "bench": ["psutil"],
 }
 CONSOLE_SCRIPTS = [
-    "nbdiff-train = megatron_nbdiff.training.cli:main",
+    "nbdiff-train = megatron_nbdiff.training.cli:console_main",
     "nbdiff-preprocess = megatron_nbdiff.data.preprocess:console_main",
     "nbdiff-eval = megatron_nbdiff.evaluation.report:console_main",
     "nbdiff-launch-slurm = megatron_nbdiff.slurm.launch:console_main",
-    "nbdiff-generate = megatron_nbdiff.inference.cli:main",
-    "nbdiff-convert-hf-to-megatron = megatron_nbdiff.checkpoint.cli:hf_to_megatron_main",
-    "nbdiff-convert-megatron-to-hf = megatron_nbdiff.checkpoint.cli:megatron_to_hf_main",
+    "nbdiff-generate = megatron_nbdiff.inference.cli:console_main",
+    "nbdiff-convert-hf-to-megatron = megatron_nbdiff.checkpoint.cli:hf_to_megatron_console",
+    "nbdiff-convert-megatron-to-hf = megatron_nbdiff.checkpoint.cli:megatron_to_hf_console",
 ]
 
 setup(

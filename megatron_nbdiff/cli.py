@@ -19,12 +19,13 @@ tool's command line keeps them.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from .errors import NBDiffError
+from .errors import ConfigError, NBDiffError
 
 EXIT_OK = 0
 EXIT_OS = 1
@@ -62,6 +63,14 @@ def quiet_expected_warnings() -> None:
     logging.getLogger().addFilter(_Drop())
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).addFilter(_Drop())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise :class:`~megatron_nbdiff.errors.ConfigError`, so that a
+    bad flag is one ``error:`` line and exit 2 like every other bad input."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def error(message: str) -> None:

@@ -23,7 +23,9 @@ class MegatronRunner(ModelRunner):
     def __init__(self, model, info: RunnerInfo, tokenizer=None, use_cache: bool = True):
         from ..attention.core_attention import KVInference
 
-        inner = model.module if hasattr(model, "module") and not hasattr(model, "gpt") else model
+        from ..models import unwrap_model
+
+        inner = unwrap_model(model)
         if not (inner.pre_process and inner.post_process):
             raise DecodingError("the Megatron runner needs the whole model on one pipeline stage (PP=1)")
         if inner.parallel_output:
@@ -80,13 +82,10 @@ class MegatronRunner(ModelRunner):
             saved, state.store = state.store, {}
         state.mask = mask
         state.append = append if cached else False
-        for module in self.model._core_attention:
-            module.inference = state
         try:
-            out = self.model.gpt(ids, position_ids, None)
+            with self.model.attention_context(inference=state):
+                out = self.model.gpt(ids, position_ids, None)
         finally:
-            for module in self.model._core_attention:
-                module.inference = None
             if not cached:
                 state.store = saved
         return out[..., : self.info.vocab_size].float()

@@ -1,5 +1,5 @@
 """Layer specs and the two-stream model wrapper."""
-from .model import NBDiffModel, PositionRopeGPTModel, StreamLogits
+from .model import NBDiffModel, PositionRopeGPTModel, StreamLogits, unwrap_model
 from .spec import get_nbdiff_block_spec, get_nbdiff_layer_spec
 
 __all__ = [
@@ -8,4 +8,5 @@ __all__ = [
     "StreamLogits",
     "get_nbdiff_block_spec",
     "get_nbdiff_layer_spec",
+    "unwrap_model",
 ]

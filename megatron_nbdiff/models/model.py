@@ -24,6 +24,13 @@ from ..config import ModelConfig
 from .spec import get_nbdiff_block_spec
 
 
+def unwrap_model(model):
+    """The :class:`NBDiffModel` inside megatron's DDP and Float16Module wrappers (or torch's)."""
+    while not isinstance(model, NBDiffModel) and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 class PositionRopeGPTModel(GPTModel):
     """``GPTModel`` whose rotary embedding follows ``position_ids`` instead of ``0..S-1``.
 

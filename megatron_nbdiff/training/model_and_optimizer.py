@@ -74,20 +74,13 @@ class ModelAndOptimizer:
             opt.optimizer.zero_grad(set_to_none=True)
 
 
-def unwrap(model):
-    """The innermost module under megatron's DDP and Float16Module wrappers (and torch's)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first_stage: bool,
                               last_stage: bool, model_parallel_group, device) -> ModelAndOptimizer:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from ..models import NBDiffModel
+    from ..models import NBDiffModel, unwrap_model
 
     cuda = torch.cuda.is_available()
     tc = mc.transformer_config(tp=t.tp, pp=t.pp, dtype=dtype, sequence_parallel=t.sequence_parallel)
@@ -122,7 +115,7 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
     )
     totals = torch.tensor([sum(p.numel() for p in wrapped.parameters())], dtype=torch.float64, device=device)
     dist.all_reduce(totals, group=model_parallel_group)  # nccl needs device tensors
-    return ModelAndOptimizer(wrapped, unwrap(wrapped), optimizer, scheduler, int(totals.item()))
+    return ModelAndOptimizer(wrapped, unwrap_model(wrapped), optimizer, scheduler, int(totals.item()))
 
 
 def optimizer_step(optimizer) -> tuple[bool, float]:

@@ -58,8 +58,7 @@ class Trainer:
         from ..parallel import initialize_parallel
 
         cfg, t = self.cfg, self.cfg.train
-        if hasattr(compat, "install_safe_loading"):  # TODO(integration): unconditional
-            compat.install_safe_loading()
+        compat.install_safe_loading()
         initialize_parallel(t.tp, t.pp, seed=t.seed)
         self.rank = dist.get_rank()
         self.plan = validate_run(cfg, world_size=dist.get_world_size())  # before anything is written
