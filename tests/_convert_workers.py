@@ -6,18 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import traceback
 
 import torch
-import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from _gloo import run_world
 
 SEQ = 16
 FAMILY_SETUPS = {
@@ -92,19 +84,9 @@ def hf_logits(model, ids):
 # two-process worker
 
 
-def _entry(rank, world, port, out_dir, jobs):
-    try:
-        result = layouts(rank, world, port, jobs)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:  # noqa: BLE001 - reported to the parent through a file
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 def run_layouts(out_dir: str, jobs: list[dict]) -> list:
-    mp.spawn(_entry, args=(2, free_port(), out_dir, jobs), nprocs=2, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    """:func:`layouts` on two gloo processes (it sets up its own parallel layouts)."""
+    return run_world("_convert_workers", "layouts", out_dir, world=2, init=False, jobs=jobs)
 
 
 def _pp_logits(model, ids, stage):

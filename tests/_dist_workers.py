@@ -2,44 +2,18 @@
 from __future__ import annotations
 
 import os
-import socket
-import traceback
 
 import torch
-import torch.multiprocessing as mp
+
+from _gloo import free_port, run_world  # noqa: F401  (free_port: used by test modules)
 
 VOCAB = 97
 MASK = 96
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, name, out_dir, kwargs):
-    from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
-
-    try:
-        initialize_parallel(
-            1, 1, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-        )
-        result = globals()[name](rank, **kwargs)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:  # noqa: BLE001 - reported to the parent through a file
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        destroy_parallel()
-
-
 def run_two_process(name: str, out_dir: str, **kwargs) -> list:
-    """Run worker ``name`` on two gloo processes; return each rank's result."""
-    os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_entry, args=(2, free_port(), name, out_dir, kwargs), nprocs=2, join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+    """Run worker ``name`` of this module on two gloo processes; return each rank's result."""
+    return run_world("_dist_workers", name, out_dir, world=2, **kwargs)
 
 
 def tiny(**overrides):

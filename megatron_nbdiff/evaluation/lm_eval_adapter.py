@@ -93,7 +93,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..inference.api import load_runner
+from ..inference.api import load_runner, resolve_block_size
 from ..inference.decode import MODES, DecodeOptions, block_decode, full_decode
 from ..inference.runner import ModelRunner
 from .common import DEFAULT_MAX_LENGTH, EvaluationError, is_single_stream, runner_max_length, tokenizer_bos_id
@@ -175,17 +175,8 @@ class NBDiffLM(TemplateLM):
             raise EvaluationError(f"{info.source} has no tokenizer: lm-eval hands the model text")
         if mode not in MODES:
             raise EvaluationError(f"mode must be one of {MODES}, found {mode!r}")
-        if mode != "ar" and not info.has_metadata:
-            raise EvaluationError(
-                f"{info.source} has no nbdiff.json, so its block size and mask token are unknown: "
-                f"mode {mode!r} cannot run; mode=ar (plain autoregressive decoding) still works"
-            )
-        if mode == "ar":
-            if block_size not in (None, 1):
-                raise EvaluationError(f"mode=ar decodes one token per pass; block_size {block_size} needs mode=block")
-            bs = 1
-        else:
-            bs = _as_int("block_size", block_size) if block_size is not None else (info.block_size or 1)
+        bs = resolve_block_size(info, mode, None if block_size is None else _as_int("block_size", block_size),
+                                error=EvaluationError)
         self.mode = mode
         self.block_size = bs
         self.opts = DecodeOptions(mode=mode, block_size=bs if mode == "block" else None,
@@ -195,17 +186,6 @@ class NBDiffLM(TemplateLM):
         self.opts.validate()
         if mode == "block" and self.opts.sub_blocks > bs:
             raise EvaluationError(f"sub_blocks {self.opts.sub_blocks} exceeds the block size {bs}")
-        if mode != "ar" and bs > 1 and info.mask_token_id is None:
-            raise EvaluationError(f"{info.source}: no mask token id, so mode {mode!r} cannot decode")
-        if mode == "block" and info.block_size is not None and bs != info.block_size:
-            warnings.warn(f"block size {bs} differs from the {info.block_size} the model in {info.source} was "
-                          "trained for; expect lower quality", stacklevel=2)
-        if mode == "block" and is_single_stream(self.runner):
-            warnings.warn(f"{info.source} was trained with the single-stream layout {info.layout!r}: mode=full "
-                          "is its native decoding", stacklevel=2)
-        if mode == "full" and not is_single_stream(self.runner):
-            warnings.warn(f"{info.source} was trained with layout {info.layout!r}, not a single-stream one: "
-                          "full-sequence decoding is outside its training", stacklevel=2)
         if loglikelihood not in LOGLIKELIHOOD_METHODS:
             raise EvaluationError(f"loglikelihood must be one of {LOGLIKELIHOOD_METHODS}, found {loglikelihood!r}")
         if loglikelihood == "diffusion":

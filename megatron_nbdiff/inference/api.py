@@ -91,13 +91,41 @@ def _to_ids(x: Union[str, Sequence[int]], runner: ModelRunner, what: str) -> lis
     return ids
 
 
-def check_mode(info, mode: str) -> None:
+def check_mode(info, mode: str, error: type = DecodingError) -> None:
     """Refuse a diffusion mode for a model whose ``nbdiff.json`` is missing."""
     if mode != "ar" and not info.has_metadata:
-        raise DecodingError(
+        raise error(
             f"{info.source} has no nbdiff.json, so its block size and mask token are unknown: "
             f"mode {mode!r} cannot run; mode 'ar' (plain autoregressive decoding) still works"
         )
+
+
+def resolve_block_size(info, mode: str, block_size: Optional[int], error: type = DecodingError) -> int:
+    """The block size a decoding ``mode`` runs at for the model described by ``info`` (a
+    :class:`~megatron_nbdiff.inference.runner.RunnerInfo`), with the one set of checks and warnings
+    shared by :func:`generate` and the lm-eval adapter: ``ar`` is block size 1; ``block`` defaults
+    to the trained block size and warns when it differs or when the model is single-stream;
+    ``full`` warns for a dual-stream model; diffusion modes need ``nbdiff.json`` and a mask token.
+    ``error`` is the exception type raised (the adapter passes its own)."""
+    check_mode(info, mode, error)
+    if mode == "ar":
+        if block_size not in (None, 1):
+            raise error(f"mode=ar decodes one token per pass; block_size {block_size} needs mode=block")
+        return 1
+    bs = int(block_size) if block_size is not None else (info.block_size or 1)
+    if mode == "block":
+        if info.block_size is not None and bs != info.block_size:
+            warnings.warn(f"block size {bs} differs from the {info.block_size} the model in {info.source} was "
+                          "trained for; expect lower quality", stacklevel=3)
+        if info.layout in SINGLE_STREAM_LAYOUTS:
+            warnings.warn(f"{info.source} was trained with the single-stream layout {info.layout!r}: mode=full "
+                          "is its native decoding", stacklevel=3)
+    elif info.layout not in SINGLE_STREAM_LAYOUTS:
+        warnings.warn(f"{info.source} was trained with layout {info.layout!r}, not a single-stream one: "
+                      "full-sequence decoding is outside its training", stacklevel=3)
+    if (mode == "full" or bs > 1) and info.mask_token_id is None:
+        raise error(f"{info.source}: no mask token id, so mode {mode!r} cannot decode")
+    return bs
 
 
 def prepare_prompts(runner: ModelRunner, prompts: Sequence[Any], suffix: Any, opts: DecodeOptions,
@@ -172,34 +200,12 @@ def generate(model: Union[str, ModelRunner], prompts: Union[str, Sequence[Any]],
         prompts = [prompts]
     if not prompts:
         raise DecodingError("no prompts given")
-    check_mode(info, opts.mode)
+    bs = resolve_block_size(info, opts.mode, opts.block_size)
     ids, opts.suffix = prepare_prompts(runner, prompts, opts.suffix, opts)
-    if opts.mode == "ar":
-        if opts.block_size not in (None, 1):
-            raise DecodingError(
-                f"mode 'ar' decodes one token per pass; block_size {opts.block_size} needs mode 'block'"
-            )
-        results = block_decode(runner, ids, opts, block_size=1)
-    elif opts.mode == "block":
-        bs = opts.block_size or info.block_size or 1
-        if info.block_size is not None and bs != info.block_size:
-            warnings.warn(
-                f"block size {bs} differs from the {info.block_size} the model in {info.source} was "
-                "trained for; expect lower quality", stacklevel=2,
-            )
-        if info.layout in SINGLE_STREAM_LAYOUTS:
-            warnings.warn(
-                f"{info.source} was trained with the single-stream layout {info.layout!r}: mode 'full' "
-                "is its native decoding", stacklevel=2,
-            )
-        results = block_decode(runner, ids, opts, block_size=bs)
-    else:
-        if info.layout not in SINGLE_STREAM_LAYOUTS:
-            warnings.warn(
-                f"{info.source} was trained with layout {info.layout!r}, not a single-stream one: "
-                "full-sequence decoding is outside its training", stacklevel=2,
-            )
+    if opts.mode == "full":
         results = full_decode(runner, ids, opts)
+    else:
+        results = block_decode(runner, ids, opts, block_size=bs)
     out = []
     for r in results:
         item = {"token_ids": r.token_ids, "stats": r.stats}
