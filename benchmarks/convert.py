@@ -208,8 +208,8 @@ def main(argv=None) -> int:
         print(f"checkpoint: Llama-shaped, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
               f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, bf16: HF {size / 1e9:.2f} GB, "
               f"megatron torch_dist {mg_size / 1e9:.2f} GB")
-        print(f"| direction | time (s) | MB/s | peak RSS (GB) | peak RSS / size | tree PSS / size |")
-        print(f"|---|---|---|---|---|---|")
+        print("| direction | time (s) | MB/s | peak RSS (GB) | peak RSS / size | tree PSS / size |")
+        print("|---|---|---|---|---|---|")
         for name, runs in rows.items():
             if not runs:
                 continue

@@ -103,8 +103,8 @@ def main(argv=None):
         block = torch.full((b, args.block_size), runner.info.mask_token_id, device=device)
         block[:, 0] = 5
         one = torch.full((b, 1), 5, device=device)
-        t_denoise = median_time(lambda: runner.denoise(block), device, args.repeats)
-        t_ar = median_time(lambda: runner.denoise(one), device, args.repeats)  # 1 token, cache kept as is
+        t_denoise = median_time(lambda block=block: runner.denoise(block), device, args.repeats)
+        t_ar = median_time(lambda one=one: runner.denoise(one), device, args.repeats)  # 1 token, cache kept as is
         opts = DecodeOptions(threshold=0.9, max_new_tokens=args.new_tokens, stop_at_eos=False)
         block_decode(runner, prompts, opts, args.block_size)  # warm-up
         runner._forward = timed_forward

@@ -107,7 +107,7 @@ def test_loglikelihood_equals_the_hf_models_own_logits(runner, ckpts):
         cases.append((rand_words(n_ctx, g), rand_words(n_cont, g)))
     requests = [req(words(c), " " + words(t)) for c, t in cases]
     out = lm.loglikelihood(requests, disable_tqdm=True)
-    for (c, t), (ll, greedy) in zip(cases, out):
+    for (c, t), (ll, _) in zip(cases, out):
         assert ll == pytest.approx(direct_ll(runner, c, t), abs=1e-4)
     assert [g for _, g in out] == [False] * len(cases)
     # a continuation that greedy decoding produces (argmax without the mask token), as token ids
@@ -150,7 +150,6 @@ def test_loglikelihood_rolling(runner):
 @needs_lm_eval
 def test_generate_until_honours_until_and_max_gen_toks(runner):
     from megatron_nbdiff.evaluation.lm_eval_adapter import NBDiffLM
-
     from megatron_nbdiff.inference import generate
 
     prompt = "w7 w8 w9"
@@ -255,8 +254,8 @@ def test_is_greedy_of_the_diffusion_path_is_what_the_decoder_produces(runner):
 @needs_lm_eval
 def test_adapter_bad_arguments(runner, ckpts):
     from megatron_nbdiff.evaluation import EvaluationError
-    from megatron_nbdiff.inference import DecodingError
     from megatron_nbdiff.evaluation.lm_eval_adapter import NBDiffLM
+    from megatron_nbdiff.inference import DecodingError
 
     for kwargs, message in [
         (dict(mode="bogus"), "mode must be one of"),

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from megatron_nbdiff.noise import NoiseOutput, available_backends, mask_tokens, philox4x32_10
-from megatron_nbdiff.noise import _extensions
+from megatron_nbdiff.noise import NoiseOutput, _extensions, available_backends, mask_tokens, philox4x32_10
 
 T_MODES = ("per_block", "per_sequence")
 T_SAMPLINGS = ("uniform", "antithetic", "stratified")
@@ -410,7 +409,8 @@ _BAD_INPUTS = [
     (_I64, {"sample_index": torch.arange(2, device="meta")}, ValueError, r"sample_index is on meta but tokens are"),
     (_I64, {"sample_index": torch.arange(3)}, ValueError, r"sample_index must have shape \[batch\] = \(2,\), found"),
     (_I64, {"sample_index": torch.zeros(2)}, TypeError, r"sample_index must be an integer tensor"),
-    (_I64, {"sample_index": torch.tensor([0, -1])}, ValueError, r"sample_index values must be in \[0, 2\^56\), found min"),
+    (_I64, {"sample_index": torch.tensor([0, -1])}, ValueError,
+     r"sample_index values must be in \[0, 2\^56\), found min"),
     (_I64, {"sample_index": -4}, ValueError, r"sample_index .* found -4"),
     (_I64, {"backend": "cuda"}, ValueError, r"backend='cuda' needs CUDA tensors, but tokens are on cpu"),
     (_I64, {"backend": "gpu"}, ValueError, r"unknown backend 'gpu': expected one of 'auto', 'cpp', 'cuda', 'torch'"),

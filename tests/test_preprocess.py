@@ -153,7 +153,8 @@ def test_existing_dataset_needs_force_and_force_replaces_only_a_pair(tmp_path, t
     prefix = str(tmp_path / "c")
     first = write_corpus(tmp_path / "a.jsonl", DOCS[:2])
     second = write_corpus(tmp_path / "b.jsonl", DOCS)
-    assert run_tool("--input", first, "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--quiet").returncode == 0
+    r = run_tool("--input", first, "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--quiet")
+    assert r.returncode == 0, r.stderr
     old = dataset_bytes(prefix)
     r = run_tool("--input", second, "--tokenizer", tokenizer_dir, "--output-prefix", prefix, "--quiet")
     assert r.returncode == 2 and f"{prefix}.bin and {prefix}.idx already exist: pass --force" in r.stderr
@@ -286,6 +287,8 @@ def test_bad_inputs_on_the_command_line(tmp_path, tokenizer_dir):
     for args, message in [
         (["--input", missing, "--tokenizer", tokenizer_dir, "--output-prefix", str(tmp_path / "o1")],
          f"input file not found: {missing}"),
+        (["--input", good, "--output-prefix", str(tmp_path / "o4")],
+         "the following arguments are required: --tokenizer"),
         (["--input", good, "--tokenizer", tokenizer_dir, "--output-prefix", str(taken)],
          f"{taken}.bin already exists: pass --force"),
         (["--input", good, "--tokenizer", str(tmp_path / "no_tok"), "--output-prefix", str(tmp_path / "o2")],

@@ -100,8 +100,8 @@ def test_dry_run_writes_a_complete_gpu_script(launcher, inputs, monkeypatch, cap
         assert line in script.splitlines() or line in script, line
     # every #SBATCH line comes before the first command (sbatch stops reading them there)
     lines = script.splitlines()
-    first_command = next(i for i, l in enumerate(lines[1:], 1) if l.strip() and not l.startswith("#"))
-    assert all(i < first_command for i, l in enumerate(lines) if l.startswith("#SBATCH"))
+    first_command = next(i for i, line in enumerate(lines[1:], 1) if line.strip() and not line.startswith("#"))
+    assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH"))
     assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
     # the config the job reads: validated, save_dir = the run folder, paths absolute
     from megatron_nbdiff.config import RunConfig
@@ -212,6 +212,7 @@ def test_bad_inputs_on_the_command_line(inputs):
     base = ["--config", "run.yaml", "--nodes", "1", "--gpus-per-node", "0", "--output-dir", "o"]
     for args, message in [
         (base + ["--nodes", "0"], "--nodes must be >= 1, found 0"),
+        (["--config", "run.yaml", "--gpus-per-node", "0"], "the following arguments are required: --nodes"),
         (base + ["--time", "forever"], "--time 'forever' is not a Slurm time limit"),
         (base + ["--dry-run", "data.train=[data/missing]"], f"missing {inputs}/data/missing.bin"),
         (base + ["--dry-run", "train.steps=abc"], "train.steps"),
@@ -396,7 +397,9 @@ def test_real_slurm_cluster():
     """Quickstart job to completion with sbatch --wait; a second job preempted by SIGUSR1 (requeues
     itself, resumes) and by scontrol requeue (SIGTERM, requeued by Slurm, resumes); see the script."""
     env = dict(os.environ, NBDIFF_SLURM_PYTHON=sys.executable)
-    r = subprocess.run(["bash", SLURM_TEST], capture_output=True, text=True, env=env, timeout=1200)
+    # errors="replace": the failure report tails job logs, which can cut a progress bar mid-character
+    r = subprocess.run(["bash", SLURM_TEST], capture_output=True, text=True, errors="replace", env=env,
+                       timeout=1200)
     output = (r.stdout + r.stderr).replace("\r", "\n")
     assert r.returncode == 0, output[-8000:]
     assert "PASS: slurm test" in r.stdout, output[-8000:]

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from _fixtures import losses, make_config, run
 from megatron_nbdiff.config import RunConfig
+
+from _fixtures import losses, make_config, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")
@@ -138,10 +139,10 @@ def test_corrupt_data_prefix_and_cli_errors(corpus, tmp_path):
     assert r.returncode == 2
     assert "unreadable indexed dataset" in r.stderr and "Traceback" not in r.stderr
     # a truncated .bin beside a good index
+    import shutil
+
     from megatron_nbdiff.data.datasets import check_prefix as _check_prefix
     from megatron_nbdiff.errors import DataError as TrainingError
-
-    import shutil
 
     shutil.copy(corpus / "data" / "c.idx", tmp_path / "trunc.idx")
     (tmp_path / "trunc.bin").write_bytes((corpus / "data" / "c.bin").read_bytes()[:-7])
@@ -159,8 +160,9 @@ def test_two_process_first_steps_match_one_process(corpus, tmp_path, tp, pp):
     two-process run reshards on load."""
     import shutil
 
-    from _dist_workers import run_two_process
     from megatron_nbdiff.training.trainer import Trainer
+
+    from _dist_workers import run_two_process
 
     one = make_config(corpus, tmp_path / "one", recipe=dict(block_size=4),
                       checkpoint=dict(save_dir=str(tmp_path / "one")))
@@ -205,10 +207,11 @@ def test_adapting_a_converted_hf_checkpoint_end_to_end(corpus, tmp_path):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from _convert_workers import make_hf_checkpoint
     from megatron_nbdiff.checkpoint import read_metadata
     from megatron_nbdiff.checkpoint.hf_to_megatron import convert_hf_to_megatron
     from megatron_nbdiff.checkpoint.megatron_to_hf import convert_megatron_to_hf
+
+    from _convert_workers import make_hf_checkpoint
 
     hf_dir = tmp_path / "hf"
     from megatron_nbdiff.data import Tokenizer
@@ -253,8 +256,8 @@ def test_blended_datasets(corpus, tmp_path):
     """A weighted blend of two prefixes builds through megatron-core's blended dataset builder."""
     import shutil
 
-    from megatron_nbdiff.parallel import initialize_parallel
     from megatron_nbdiff.data.datasets import build_datasets
+    from megatron_nbdiff.parallel import initialize_parallel
 
     initialize_parallel(1, 1)  # megatron's dataset builder asks for the rank
     for suffix in (".bin", ".idx"):

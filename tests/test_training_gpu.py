@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from test_training import corpus, losses, make_config, run  # noqa: F401  (corpus is a fixture)
 
 pytestmark = pytest.mark.gpu

@@ -152,8 +152,9 @@ def train(name: str, init_from: str, save_dir: str, data_prefix: str, tokenizer:
     if code != 0:
         raise SystemExit(f"{name} training stopped with exit code {code}")
     log(f"{name}: {steps} steps in {time.time() - t0:.0f} s")
-    with open(os.path.join(save_dir, "checkpoints", "latest")) as f:
-        return os.path.join(save_dir, "checkpoints", f.read().strip())
+    from megatron_nbdiff.training.checkpointing import resolve_checkpoint
+
+    return resolve_checkpoint(save_dir)
 
 
 def evaluate(ckpt: str, sequences, block: int) -> dict:

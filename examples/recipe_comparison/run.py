@@ -319,7 +319,8 @@ def main(argv=None) -> int:
         qs.write_jsonl(os.path.join(out, "train.jsonl"), docs)
         qs.write_jsonl(os.path.join(out, "heldout.jsonl"), held_text)
         train_bpe_tokenizer(docs, S["vocab"], tok_dir, split_digits=True)
-        st = preprocess(os.path.join(out, "train.jsonl"), tok_dir, prefix, quiet=True)
+        # force: a rerun after a kill between writing the data and marking the stage done
+        st = preprocess(os.path.join(out, "train.jsonl"), tok_dir, prefix, quiet=True, force=True)
         stages.done("data", dict(documents=len(docs), tokens=st["tokens"], seconds=time.time() - t))
     qs.log(f"corpus: {stages.get('data')['documents']} documents, {stages.get('data')['tokens']} tokens")
     tok = Tokenizer(tok_dir)

@@ -29,15 +29,15 @@ readers also compare the ``.bin`` size with the lengths the ``.idx`` records
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import time
+from argparse import RawDescriptionHelpFormatter
 from typing import Iterator, Optional, Sequence
 
-from ..cli import entry, run_main
+from ..cli import ArgumentParser, entry, run_main
 from ..errors import DataError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron-core's .idx magic (indexed_dataset._INDEX_HEADER)
@@ -216,9 +216,9 @@ def preprocess(input_path: str, tokenizer_path: str, output_prefix: str, json_ke
 
 
 # -- command line -------------------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nbdiff-preprocess", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nbdiff-preprocess", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="JSONL (one object per line) or plain text, UTF-8")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory or sentencepiece .model")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")

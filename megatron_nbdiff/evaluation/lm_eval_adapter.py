@@ -42,7 +42,8 @@ log-likelihood in expectation.
   each non-first token of the block masked with probability ``t``, the noisy block run
   bidirectionally against the causal KV cache of the clean context (``runner.denoise``), the
   token at ``j`` scored by the logit at ``j-1``.
-* ``mode=full`` (single-stream, docs/method.md, "Single-stream diffusion (DiffuLLaMA)"): one ``t`` per continuation, every
+* ``mode=full`` (single-stream, docs/method.md, "Single-stream diffusion (DiffuLLaMA)"): one ``t``
+  per continuation, every
   continuation token (the first included) masked with probability ``t``, one bidirectional pass
   over context + noisy continuation (``runner.full``); estimate
   ``sum_{masked j} (1/t) log p(c_j | x, noisy c)``.
@@ -82,7 +83,6 @@ import json
 import logging
 import math
 import time
-import warnings
 import zlib
 from collections import defaultdict
 from typing import Any, Optional, Sequence
@@ -96,7 +96,7 @@ from tqdm import tqdm
 from ..inference.api import load_runner, resolve_block_size
 from ..inference.decode import MODES, DecodeOptions, block_decode, full_decode
 from ..inference.runner import ModelRunner
-from .common import DEFAULT_MAX_LENGTH, EvaluationError, is_single_stream, runner_max_length, tokenizer_bos_id
+from .common import DEFAULT_MAX_LENGTH, EvaluationError, runner_max_length, tokenizer_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class NBDiffLM(TemplateLM):
         self.mode = mode
         self.block_size = bs
         self.opts = DecodeOptions(mode=mode, block_size=bs if mode == "block" else None,
-                                  threshold=_as_float("threshold", threshold), sub_blocks=_as_int("sub_blocks", sub_blocks),
+                                  threshold=_as_float("threshold", threshold),
+                                  sub_blocks=_as_int("sub_blocks", sub_blocks),
                                   confidence=confidence, steps=None if steps is None else _as_int("steps", steps),
                                   seed=_as_int("seed", seed, 0), temperature=0.0)
         self.opts.validate()
@@ -208,7 +209,8 @@ class NBDiffLM(TemplateLM):
             batch_size = 8
         self._batch_size = _as_int("batch_size", batch_size)
         model_max = runner_max_length(self.runner)
-        self._max_length = _as_int("max_length", max_length) if max_length is not None else (model_max or DEFAULT_MAX_LENGTH)
+        self._max_length = (_as_int("max_length", max_length) if max_length is not None
+                            else (model_max or DEFAULT_MAX_LENGTH))
         if model_max is not None and self._max_length > model_max:
             raise EvaluationError(f"max_length {self._max_length} exceeds the model's {model_max} positions")
         if self._max_length < 2:
@@ -295,7 +297,8 @@ class NBDiffLM(TemplateLM):
                 results[i] = (0.0, True)
                 continue
             work.append((i, self._fit(ctx, cont), cont))
-        bar = tqdm(total=len(work), disable=disable_tqdm or self.rank != 0, desc=f"loglikelihood ({self.loglikelihood_method})")
+        bar = tqdm(total=len(work), disable=disable_tqdm or self.rank != 0,
+                   desc=f"loglikelihood ({self.loglikelihood_method})")
         if self.loglikelihood_method == "ar":
             self._score_ar(work, results, bar)
         else:
@@ -467,7 +470,8 @@ class NBDiffLM(TemplateLM):
     def _gen_prompt(self, context: str, max_gen: int) -> list[int]:
         room = self.max_length - max_gen
         if room < 1:
-            raise EvaluationError(f"max_gen_toks {max_gen} leaves no room for the prompt in max_length {self.max_length}")
+            raise EvaluationError(f"max_gen_toks {max_gen} leaves no room for the prompt in max_length "
+                                  f"{self.max_length}")
         ids = self.tok_encode(context)[-room:] if context else []
         return ids or [self.prefix_token_id]
 

@@ -41,7 +41,8 @@ vocabulary (the appended mask token included, as in the training losses).
     a block's first token and ``nll_bound`` equals ``ar.loss`` exactly;
   - ``masked_tokens``, ``forward_passes``.
 
-* ``single_stream`` (docs/method.md, "Single-stream diffusion (DiffuLLaMA)"; computed for single-stream layouts, or on request): one
+* ``single_stream`` (docs/method.md, "Single-stream diffusion (DiffuLLaMA)"; computed for
+  single-stream layouts, or on request): one
   ``t`` per window, every target masked with probability ``t`` (``block_size=None``,
   ``t_mode="per_sequence"``), one bidirectional pass over the noisy window (``runner.full``);
   ``diffusion_loss`` is the 1/t-weighted DiffuLLaMA loss ``sum_masked CE / t / N`` (also its
@@ -125,6 +126,13 @@ def load_sequences(source: str, *, tokenizer=None, seq_length: int = 256, max_se
     if prefix is not None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        from ..data.datasets import check_prefix
+        from ..errors import DataError
+
+        try:
+            check_prefix(prefix)  # the one indexed-dataset check (header, counts, sizes)
+        except DataError as exc:
+            raise EvaluationError(str(exc)) from None
         try:
             ds = IndexedDataset(prefix)
         except Exception as exc:  # noqa: BLE001 - megatron raises assertion and struct errors

@@ -33,7 +33,6 @@ written atomically. Bad input raises :class:`EvaluationError`; through
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -41,18 +40,19 @@ import math
 import os
 import sys
 import warnings
+from argparse import RawDescriptionHelpFormatter
 from typing import Optional, Sequence
 
-from ..cli import entry, run_main
+from ..cli import ArgumentParser, entry, run_main
 from . import TASKS_DIR
 from .common import EvaluationError, atomic_write_bytes, runner_max_length
 
 DEFAULT_SEQ_LENGTH = 256
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nbdiff-eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nbdiff-eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", required=True, help="exported HF dir, Megatron checkpoint or run folder")
     p.add_argument("--out", required=True, help="the JSON report to write")
     p.add_argument("--plot", default=None, help="a PNG plot to write")
@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, help="indexed-dataset prefix (PREFIX.bin/.idx) or JSONL file")
     g.add_argument("--json-key", default="text", help="text field of a JSONL --data file")
     g.add_argument("--seq-length", type=int, default=None,
-                   help=f"window length in tokens (default {DEFAULT_SEQ_LENGTH}, or the model's max_seq_len if shorter)")
+                   help=f"window length in tokens (default {DEFAULT_SEQ_LENGTH}, or the model's "
+                        "max_seq_len if shorter)")
     g.add_argument("--max-sequences", type=int, default=64, help="windows evaluated (default 64)")
     g.add_argument("--block-sizes", default="1,4,32", help="comma-separated block sizes")
     g.add_argument("--seed", type=int, default=0, help="noise seed of the diffusion losses")

@@ -22,7 +22,6 @@ class MegatronRunner(ModelRunner):
 
     def __init__(self, model, info: RunnerInfo, tokenizer=None, use_cache: bool = True):
         from ..attention.core_attention import KVInference
-
         from ..models import unwrap_model
 
         inner = unwrap_model(model)

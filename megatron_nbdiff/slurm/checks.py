@@ -163,17 +163,12 @@ def model_config(cfg):
             meta = read_metadata(src, kind="megatron")
         except NBDiffError as exc:
             raise LaunchError(f"checkpoint.init_from: {exc}") from None
-    if cfg.model is not None:
-        if meta is not None and meta.get_model_config().to_dict() != cfg.model.to_dict():
-            theirs, ours = meta.get_model_config().to_dict(), cfg.model.to_dict()
-            diff = ", ".join(f"{k}: {ours[k]!r} here, {theirs[k]!r} in the checkpoint"
-                             for k in sorted(ours) if ours[k] != theirs.get(k))
-            raise LaunchError(
-                f"the model section differs from the architecture of {src} ({diff}); leave 'model' "
-                "out when starting from a checkpoint"
-            )
-        return cfg.model
-    return meta.get_model_config() if meta is not None else None
+    from ..training.validation import resolve_model
+
+    try:
+        return resolve_model(cfg, meta)
+    except NBDiffError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def check_allocation(cfg, nodes: int, procs_per_node: int) -> None:
@@ -220,7 +215,6 @@ def validate_launch(cfg, nodes: int, procs_per_node: int, gpus_per_node: int,
         if problems:
             raise LaunchError("; ".join(problems) +
                               " (--skip-path-check if the compute nodes see paths this machine does not)")
-        model_config(cfg)
         from ..training.validation import validate_run
 
         mc: Optional[object] = validate_run(cfg, world_size=world).model

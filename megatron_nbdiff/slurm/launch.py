@@ -24,21 +24,21 @@ missing or failing.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from argparse import RawDescriptionHelpFormatter
 from typing import Optional, Sequence
 
-from ..cli import entry, run_main
+from ..cli import ArgumentParser, entry, run_main
 from ..fileio import atomic_write
 from .checks import absolute, check_options, load_config, resolve_paths, validate_launch
 from .submit import submit
 from .template import TEMPLATE, read_template, render, script_values
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nbdiff-launch-slurm", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="nbdiff-launch-slurm", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (as for nbdiff-train)")
     p.add_argument("--nodes", type=int, required=True, help="nodes to allocate")
     p.add_argument("--gpus-per-node", type=int, required=True,

@@ -313,8 +313,8 @@ class Checkpointer:
                 return record
             tried.append(os.path.basename(path))
             if self.rank == 0:
-                warnings.warn(f"checkpoint {path} could not be loaded ({type(error).__name__ if error else 'on another rank'}: "
-                              f"{str(error).splitlines()[0][:200] if error else ''}); trying an older one")
+                why = f"{type(error).__name__}: {_root_cause(error)[:200]}" if error else "on another rank"
+                warnings.warn(f"checkpoint {path} could not be loaded ({why}); trying an older one")
         if tried:
             raise CheckpointError(
                 f"{self.folder.checkpoints}: no checkpoint could be loaded (tried {', '.join(tried)}); "

@@ -72,12 +72,13 @@ class Trainer:
         created = not os.path.isdir(self.folder.root)
         cache = cfg.data.cache_dir or self.folder.data_cache
         try:
-            if self.rank == 0:
+            vocab = self.model_config.vocab_size
+            if self.rank == 0:  # rank 0 builds megatron's index cache, the others read it
                 os.makedirs(cache, exist_ok=True)
-                self.train_ds, self.valid_ds = build_datasets(cfg, self.plan.eod_id, self.model_config.vocab_size, cache)
+                self.train_ds, self.valid_ds = build_datasets(cfg, self.plan.eod_id, vocab, cache)
             dist.barrier()
             if self.rank != 0:
-                self.train_ds, self.valid_ds = build_datasets(cfg, self.plan.eod_id, self.model_config.vocab_size, cache)
+                self.train_ds, self.valid_ds = build_datasets(cfg, self.plan.eod_id, vocab, cache)
         except BaseException:
             if created and self.rank == 0:  # no run folder left by a run that never started
                 shutil.rmtree(self.folder.root, ignore_errors=True)

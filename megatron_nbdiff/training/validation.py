@@ -69,6 +69,22 @@ def _data_tokenizer(cfg: RunConfig):
                       "tools/preprocess_data.py)")
 
 
+def resolve_model(cfg: RunConfig, meta) -> Optional[ModelConfig]:
+    """The architecture: the config's model section, else the init checkpoint's (``meta``, its
+    nbdiff.json); None when neither is known. A model section that differs from the checkpoint is
+    refused, naming the fields that differ."""
+    if cfg.model is None:
+        return meta.get_model_config() if meta is not None else None
+    if meta is not None:
+        ours, theirs = cfg.model.to_dict(), meta.get_model_config().to_dict()
+        diff = ", ".join(f"{k}: {ours[k]!r} here, {theirs.get(k)!r} in the checkpoint"
+                         for k in sorted(ours) if ours[k] != theirs.get(k))
+        if diff:
+            raise ConfigError(f"the model section differs from the architecture of {cfg.checkpoint.init_from} "
+                              f"({diff}); leave 'model' out when starting from a checkpoint")
+    return cfg.model
+
+
 def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True,
                  cache_dir: Optional[str] = None) -> RunPlan:
     """Check a run config as a whole; see the module docstring. ``world_size`` (processes of the
@@ -78,10 +94,7 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise ConfigError(f"checkpoint.save_dir {save_dir} exists and is not a directory")
     meta = _init_metadata(cfg)
-    if cfg.model is not None and meta is not None and cfg.model.to_dict() != meta.get_model_config().to_dict():
-        raise ConfigError(f"the model section differs from the architecture of {cfg.checkpoint.init_from}; "
-                          "leave 'model' out when starting from a checkpoint")
-    mc = cfg.model if cfg.model is not None else (meta.get_model_config() if meta is not None else None)
+    mc = resolve_model(cfg, meta)
     if mc is None:
         raise ConfigError("no model: give a 'model' section or checkpoint.init_from")
     if t.seq_len > mc.max_seq_len:

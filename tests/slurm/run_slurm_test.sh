@@ -212,7 +212,7 @@ state = json.load(open(f"{run}/checkpoints/{latest}/trainer_state.json"))
 assert state["step"] == 6, state["step"]
 codes = {f: open(f"{run}/slurm/exit/{job}.0/{f}").read().strip() for f in os.listdir(f"{run}/slurm/exit/{job}.0")}
 assert codes and set(codes.values()) == {"0"}, codes
-log = open(f"{run}/slurm/logs/nbdiff-quick-{job}.out").read()
+log = open(f"{run}/slurm/logs/nbdiff-quick-{job}.out", errors="replace").read()
 assert "run complete" in log, log[-2000:]
 print(f"job 1: steps 0..5 logged, checkpoint {latest}, rank exit codes {sorted(codes.items())}")
 EOF
@@ -266,7 +266,7 @@ wait_for 300 "completion after the operator's requeue" completed
 "$PY" - "$RUN2" "$J2" "$STEPS2" "$LOG2" <<'EOF'
 import json, os, re, sys
 run, job, steps, log_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-log = open(log_path).read().replace("\r", "\n")
+log = open(log_path, errors="replace").read().replace("\r", "\n")  # ranks interleave bytes
 for needle in ("SIGUSR1 (time limit or preemption ahead)", "exit 75: checkpoint saved; requeueing job",
                "SIGTERM: the job is being cancelled, preempted or requeued by Slurm",
                "exit 75 after SIGTERM: checkpoint saved",
