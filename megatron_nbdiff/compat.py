@@ -45,6 +45,9 @@ d. megatron-core's ``GPTDataset``, ``BlendedDataset`` and ``MaskedWordPieceDatas
 
 A refused file raises :class:`~megatron_nbdiff.errors.CheckpointError` (a, b, c) or
 :class:`~megatron_nbdiff.errors.DataError` (d) naming the file and what it asked to run.
+
+Writer processes (:func:`no_orphan_writers`, called before every training checkpoint save):
+megatron-core's ``torch_dist`` writer processes can no longer outlive a killed trainer.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ import contextlib
 import dataclasses
 import enum
 import importlib
+import os
 import pickle
 import re
 
@@ -322,3 +326,39 @@ def install_safe_loading() -> None:
             continue
         module.numpy = _Shadow(numpy, load=_numpy_load_no_pickle)
     _safe_loading = True
+
+
+# -- checkpoint writer processes ------------------------------------------------------------
+_writers_guarded = False
+
+
+def no_orphan_writers() -> None:
+    """Make megatron's checkpoint writers unable to outlive this process (idempotent).
+
+    megatron-core's ``torch_dist`` save forks one writer process per bucket and collects their
+    results through a ``multiprocessing.Manager`` queue, a server process (about 330 MB) that
+    lives until the trainer exits normally. A ``kill -9`` of the trainer left both behind, some of
+    them deadlocked. Here the result queue is an in-process ``queue.Queue`` (saves are synchronous:
+    the collecting function runs in this process), and every child forked from now on asks the
+    kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``)."""
+    global _writers_guarded
+    if _writers_guarded:
+        return
+    import ctypes
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    results: queue.Queue = queue.Queue()
+    filesystem_async._get_write_results_queue = lambda: results
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        libc = None
+
+    def _die_with_parent() -> None:
+        if libc is not None:
+            libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+    os.register_at_fork(after_in_child=_die_with_parent)
+    _writers_guarded = True

@@ -48,41 +48,6 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-_writers_guarded = False
-
-
-def no_orphan_writers() -> None:
-    """Make megatron's checkpoint writers unable to outlive this process (idempotent).
-
-    megatron-core's ``torch_dist`` save forks one writer process per bucket and collects their
-    results through a ``multiprocessing.Manager`` queue, a server process (about 330 MB) that
-    lives until the trainer exits normally. A ``kill -9`` of the trainer left both behind, some of
-    them deadlocked. Here the result queue is an in-process ``queue.Queue`` (saves are synchronous:
-    the collecting function runs in this process), and every child forked from now on asks the
-    kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``)."""
-    global _writers_guarded
-    if _writers_guarded:
-        return
-    import ctypes
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    results: queue.Queue = queue.Queue()
-    filesystem_async._get_write_results_queue = lambda: results
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        libc = None
-
-    def _die_with_parent() -> None:
-        if libc is not None:
-            libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-    os.register_at_fork(after_in_child=_die_with_parent)
-    _writers_guarded = True
-
-
 def _root_cause(exc: BaseException) -> str:
     """The first line of the innermost error under torch's CheckpointException (which keeps each
     rank's failure) and megatron's "Worker failure" wrappers."""
@@ -227,7 +192,7 @@ class Checkpointer:
         self.barrier()
         try:
             with compat.cpu_device_mode():
-                no_orphan_writers()
+                compat.no_orphan_writers()
                 dist_checkpointing.save(sharded_state(), tmp)
         except (KeyboardInterrupt, SystemExit):
             raise
