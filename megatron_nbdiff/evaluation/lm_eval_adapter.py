@@ -96,6 +96,7 @@ from tqdm import tqdm
 from ..inference.api import load_runner, resolve_block_size
 from ..inference.decode import MODES, DecodeOptions, block_decode, full_decode
 from ..inference.runner import ModelRunner
+from .block_walk import walk_blocks
 from .common import DEFAULT_MAX_LENGTH, EvaluationError, runner_max_length, tokenizer_bos_id
 
 log = logging.getLogger(__name__)
@@ -387,19 +388,16 @@ class NBDiffLM(TemplateLM):
                 logp = lg.gather(-1, tokens[..., None])[..., 0] - torch.logsumexp(lg, -1)
                 est += (logp * weight).sum(1).double()
             else:
-                B = self.block_size
-                last = self.runner.prefill(ctxs).float()
-                for s in range(0, n, B):
-                    e = min(n, s + B)
+                for s, e, last, lg in walk_blocks(self.runner, tokens[:, :n], noisy[:, :n], masked[:, :n],
+                                                  self.block_size, context=ctxs):
+                    last = last.float()
                     first = tokens[:, s]
                     est += (last.gather(-1, first[:, None])[:, 0] - torch.logsumexp(last, -1)).double()
-                    if e - s > 1 and bool(masked[:, s:e].any()):
-                        lg = self.runner.denoise(noisy[:, s:e])[:, :-1].float()
+                    if lg is not None:
+                        lg = lg.float()
                         tgt = tokens[:, s + 1:e]
                         logp = lg.gather(-1, tgt[..., None])[..., 0] - torch.logsumexp(lg, -1)
                         est += (logp * weight[:, s + 1:e]).sum(1).double()
-                    if e < n:
-                        last = self.runner.commit(tokens[:, s:e])[:, -1].float()
             per_request = est.view(len(batch), N).mean(1).tolist()
             for (i, _, _), ll in zip(batch, per_request):
                 results[i] = (float(ll), False)  # is_greedy filled by _greedy_by_decoding

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 from ..data.jsonl import iter_jsonl
 from ..inference.runner import ModelRunner
+from .block_walk import walk_blocks
 from .common import EvaluationError, is_single_stream
 
 __all__ = ["load_sequences", "heldout_losses", "decoding_speed", "parse_int_list", "parse_float_list"]
@@ -272,21 +273,11 @@ def heldout_losses(runner: ModelRunner, sequences: Sequence[Sequence[int]], bloc
                                 t_mode="per_block", keep_block_first=True, **noise_kw)
             noisy, masked, inv_t = noise.noisy_ids[:, :L], noise.is_masked[:, :L], noise.weight[:, :L]
             diff_ce = torch.zeros(b, L - 1, device=dev)
-            for s in range(0, L, B):
-                e = min(L, s + B)
-                if e - s > 1 and bool(masked[:, s:e].any()):
-                    if s == 0:
-                        lg = runner.full(noisy[:, :e], torch.ones(b, e, dtype=torch.bool, device=dev))
-                    else:
-                        lg = runner.denoise(noisy[:, s:e])
+            for s, e, _, lg in walk_blocks(runner, tokens, noisy, masked, B):
+                if lg is not None:
                     sums.passes += 1
-                    diff_ce[:, s:e - 1] = _ce(lg[:, :-1], tokens[:, s + 1:e])
-                if e < L:
-                    if s == 0:
-                        runner.prefill(tokens[:, :e].tolist())
-                    else:
-                        runner.commit(tokens[:, s:e])
-                    sums.passes += 1
+                    diff_ce[:, s:e - 1] = _ce(lg, tokens[:, s + 1:e])
+                sums.passes += int(e < L)  # the commit pass after every block but the last
             _masked_sums(sums, diff_ce, masked[:, 1:], inv_t[:, 1:])
         if single_stream:
             noise = mask_tokens(tokens, block_size=None, sample_index=sample_index, t_mode="per_sequence",
