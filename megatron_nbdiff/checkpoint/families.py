@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional
 
 from ..config import ModelConfig
+from ..dtypes import HF_DTYPE_NAMES
 from .errors import ConversionError
 
 
@@ -75,7 +76,6 @@ class HFModelInfo:
     """Facts worth recording in ``nbdiff.json`` (for example an ignored sliding window)."""
 
 
-_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def read_config_json(hf_dir: str) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def parse_hf_config(hf_dir: str, max_seq_len: Optional[int] = None,
     except ValueError as e:
         raise ConversionError(f"config.json describes an unsupported shape: {e}") from None
     declared = raw.get("dtype", raw.get("torch_dtype"))
-    return HFModelInfo(family, mc, raw, _HF_DTYPES.get(str(declared)), notes)
+    return HFModelInfo(family, mc, raw, HF_DTYPE_NAMES.get(str(declared)), notes)
 
 
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ..dtypes import TORCH_DTYPES as _TORCH_DTYPE
 from ._runtime import checkpoint_failures, describe_failure
 from .errors import ConversionError
 from .families import get_family, hf_config_for_export
@@ -39,7 +40,6 @@ from .safetensors_io import INDEX_NAME, ShardWriter
 from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
 from .torch_dist import check_torch_dist
 
-_TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 

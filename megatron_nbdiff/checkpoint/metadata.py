@@ -24,6 +24,7 @@ import os
 from typing import Any, Optional
 
 from ..config import ModelConfig
+from ..dtypes import TORCH_DTYPES
 from ..fileio import atomic_write
 from .errors import CheckpointMetadataError
 from .families import FAMILIES
@@ -36,7 +37,7 @@ WEIGHTS_DIR = "model"
 SHIFT = "logit i predicts token i+1"
 KINDS = ("megatron", "hf")
 MASK_METHODS = ("append", "id", "token")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(TORCH_DTYPES)  # the short names nbdiff.json records
 
 
 @dataclasses.dataclass

@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
+from ..dtypes import TORCH_DTYPES as _DTYPES
 from .runner import DecodingError, ModelRunner, RunnerInfo
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _eos_ids(*candidates) -> tuple:
