@@ -309,3 +309,17 @@ def test_a_torn_metrics_line_does_not_fail_a_finished_run(corpus, tmp_path):
     assert code == 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+
+
+def test_a_save_dir_that_is_a_file_and_missing_validation_data_are_reported(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    data = make_config(corpus, tmp_path / "file")
+    with pytest.raises(ConfigError, match="checkpoint.save_dir .*file exists and is not a directory"):
+        run(data)
+    # evaluation asked for, but the split leaves no validation documents: said, not skipped silently
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    data = make_config(corpus, tmp_path / "run", data=dict(split="100,0,0"), train=dict(steps=1, eval_interval=1))
+    assert Trainer(RunConfig.from_dict(data), quiet=False).run() == 0
+    assert "no validation samples in data.split '100,0,0': evaluation is off" in capsys.readouterr().out

@@ -167,6 +167,8 @@ HF_CASES = {
     "usage": (None, ["--out-dir", "{out}"], 2, ["required", "--hf-dir"]),
     "not-an-int": (lambda c, t, m: [c["hf"]], ["--tp", "two"], 2, ["--tp", "invalid int value: 'two'"]),
     "tp-zero": (lambda c, t, m: [c["hf"]], ["--tp", "0"], 2, ["--tp must be a positive integer, found 0"]),
+    "vocab-multiple-zero": (lambda c, t, m: [c["hf"]], ["--make-vocab-size-divisible-by", "0"], 2,
+                            ["--make-vocab-size-divisible-by must be a positive integer, found 0"]),
     "no-input": (lambda c, t, m: [str(t / "nope")], [], 2, ["nope is not a directory"]),
     "garbage-shard": (_hf_garbage, [], 2, ["model.safetensors", "not a safetensors file"]),
     "corrupt-header": (_hf_bad_header_json, [], 2, ["model.safetensors has a corrupt safetensors header"]),
