@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-from test_training import corpus, losses, make_config, run  # noqa: F401  (corpus is a fixture)
+
+from _fixtures import losses, make_config, run
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("recipe", ["nbdiff", "diffullama", "ar"])
-def test_gpu_bf16_flex_training_learns(corpus, tmp_path, recipe):  # noqa: F811
+def test_gpu_bf16_flex_training_learns(corpus, tmp_path, recipe):
     extra = {"block_size": 4} if recipe == "nbdiff" else ({"anneal_steps": 10} if recipe == "diffullama" else {})
     data = make_config(corpus, tmp_path, recipe=dict(name=recipe, **extra),
                        model=dict(attention_backend="flex"), train=dict(steps=30, lr=5e-3))
@@ -26,7 +27,7 @@ def test_gpu_bf16_flex_training_learns(corpus, tmp_path, recipe):  # noqa: F811
     assert all(rec[s]["mfu"] is not None and rec[s]["mfu"] > 0 for s in rec)
 
 
-def test_gpu_flex_and_dense_backends_give_the_same_first_loss(corpus, tmp_path):  # noqa: F811
+def test_gpu_flex_and_dense_backends_give_the_same_first_loss(corpus, tmp_path):
     first = {}
     for backend in ("flex", "dense"):
         data = make_config(corpus, tmp_path / backend, recipe=dict(name="nbdiff", block_size=4),
@@ -37,7 +38,7 @@ def test_gpu_flex_and_dense_backends_give_the_same_first_loss(corpus, tmp_path):
     assert abs(first["flex"] - first["dense"]) <= 2e-2 * abs(first["dense"]), first
 
 
-def test_gpu_resume_restores_the_run(corpus, tmp_path):  # noqa: F811
+def test_gpu_resume_restores_the_run(corpus, tmp_path):
     """bf16 backward kernels use atomics, so GPU resume is compared within bf16 tolerance."""
     full = make_config(corpus, tmp_path / "full", checkpoint=dict(save_dir=str(tmp_path / "full")))
     assert run(full)[0] == 0
