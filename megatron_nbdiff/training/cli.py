@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from ..cli import entry
+from ..cli import ArgumentParser, entry
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="nbdiff-train", description=__doc__,
+    p = ArgumentParser(prog="nbdiff-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (sections model, recipe, data, train, checkpoint)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
