@@ -94,21 +94,18 @@ def load_config(path: str, overrides: list):
 
 
 def _is_blend(items: list) -> bool:
-    """Whether ``data.train`` is a flat blend [w1, prefix1, w2, prefix2, ...]."""
-    def is_weight(x) -> bool:
-        try:
-            float(x)
-            return True
-        except ValueError:
-            return False
+    """Whether ``data.train`` is a flat blend [w1, prefix1, w2, prefix2, ...], as megatron-core's
+    ``get_blend_from_list`` reads it (the trainer's reading, through ``data.datasets``)."""
+    from megatron.core.datasets.utils import get_blend_from_list
 
-    return bool(items) and len(items) % 2 == 0 and all(is_weight(w) for w in items[0::2])
+    return bool(items) and get_blend_from_list([str(x) for x in items])[1] is not None
 
 
 def data_prefixes(train: list) -> list[str]:
-    """Dataset prefixes of ``data.train``: a list of prefixes or a flat blend."""
-    items = [str(x) for x in train]
-    return items[1::2] if _is_blend(items) else items
+    """Dataset prefixes of ``data.train`` (empty for an empty list)."""
+    from ..data.datasets import data_prefixes as prefixes
+
+    return prefixes(train) if train else []
 
 
 def absolute(path, base: str):

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -198,8 +199,8 @@ class Trainer:
             self.setup()
             if self.rank == 0:
                 self.cfg.save(self.folder.config)
-            if t.eval_interval and (self.valid_ds is None or len(self.valid_ds) == 0):
-                self._log(f"warning: no validation samples in data.split {self.cfg.data.split!r}: evaluation is off")
+            if t.eval_interval and (self.valid_ds is None or len(self.valid_ds) == 0) and self.rank == 0:
+                warnings.warn(f"no validation samples in data.split {self.cfg.data.split!r}: evaluation is off")
             self._log(f"recipe {self.recipe.name} ({self.recipe.layout}), {self.num_params / 1e6:.2f}M parameters, "
                       f"tp={t.tp} pp={t.pp} dp={self.dp}, {self.dtype}, steps {self.start_step}..{t.steps}")
             self.metrics = MetricsLogger(self.folder, self.rank, self.quiet, self.start_step, t.steps)
