@@ -26,6 +26,7 @@ decorate it with :func:`register_recipe`, and name it in the config's ``recipe.n
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Callable, ClassVar, Optional
 
@@ -60,7 +61,7 @@ class StepContext:
     """Range checks in the noise kernel (off on CUDA: they synchronise the host)."""
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """Base class: a recipe's defaults and behaviour. Subclasses set the class attributes and
     implement :meth:`forward_and_loss`."""
 
@@ -106,8 +107,8 @@ class Recipe:
         """The block size a checkpoint after ``step`` steps records for decoding."""
         return self.block_size(max(step - 1, 0))
 
-    def check(self, seq_len: int, steps: int) -> None:
-        """Refuse a run this recipe cannot do (ConfigError naming the field)."""
+    def check(self, seq_len: int, steps: int) -> None:  # noqa: B027 - a hook: most recipes accept any run
+        """Refuse a run this recipe cannot do (ConfigError naming the field); the base accepts all."""
 
     def noise(self, tokens: torch.Tensor, sample_index: torch.Tensor, loss_mask: torch.Tensor,
               ctx: StepContext, block_size: Optional[int]):
@@ -119,9 +120,11 @@ class Recipe:
             weight_mode=self.weight_mode, validate=ctx.validate_noise,
         )
 
+    @abc.abstractmethod
     def forward_and_loss(self, tokens: torch.Tensor, sample_index: torch.Tensor, model,
                          ctx: StepContext) -> tuple[object, LossFn]:
-        raise NotImplementedError
+        """Noise the micro-batch ``tokens [mbs, L]`` (global sample indices ``sample_index``), run
+        ``model`` and return its output with the function from that output to the loss parts."""
 
 
 _REGISTRY: dict[str, type[Recipe]] = {}
