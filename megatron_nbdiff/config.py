@@ -50,6 +50,14 @@ class ModelConfig:
     """Longest stream length ``L`` the model is built for."""
     rope_base: float = 10000.0
     """RoPE base (theta)."""
+    rope_scaling: Optional[dict] = None
+    """RoPE frequency scaling as the HF config gives it (``rope_parameters`` without
+    ``rope_theta``): None for plain RoPE, or ``{"rope_type": "linear", "factor": ...}``,
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` or ``{"rope_type": "yarn", "factor",
+    "original_max_position_embeddings"}`` plus YaRN's optional ``attention_factor``,
+    ``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``truncate``. The frequencies
+    are computed as transformers computes them (``megatron_nbdiff/models/rope.py``)."""
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_layernorm: bool = False
@@ -84,6 +92,8 @@ class ModelConfig:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+        if self.rope_scaling is not None:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
         _check_literals(self, "model")
 
     def padded_vocab_size(self, tp: int = 1) -> int:
@@ -110,6 +120,61 @@ class ModelConfig:
 
         return transformer_config(self, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
                                   **overrides)
+
+
+# RoPE scaling types the model computes exactly as transformers does: type -> (required keys,
+# optional keys). Other HF types (``dynamic``, ``longrope``, ...) change with the sequence length
+# or need per-dimension tables, and are refused.
+ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+}
+_ROPE_INT_KEYS = ("original_max_position_embeddings",)
+_ROPE_NONNEGATIVE_KEYS = ("mscale", "mscale_all_dim")  # zero is meaningful (means "unset")
+_ROPE_BOOL_KEYS = ("truncate",)
+
+
+def check_rope_scaling(value: Any) -> dict:
+    """``value`` checked as :attr:`ModelConfig.rope_scaling`: a known ``rope_type``, its required
+    keys, no unknown key, positive numbers (optional keys may be null). Returns a copy."""
+    where = "ModelConfig.rope_scaling"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping or null, found {value!r}")
+    rope_type = value.get("rope_type")
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ConfigError(
+            f"{where}.rope_type {rope_type!r} is not supported; supported: "
+            f"{', '.join(sorted(ROPE_SCALING_KEYS))} (plain RoPE: rope_scaling null)"
+        )
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    missing = [k for k in required if value.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where} ({rope_type}) lacks {', '.join(missing)}")
+    unknown = sorted(set(value) - set(required) - set(optional) - {"rope_type"})
+    if unknown:
+        raise ConfigError(f"{where} ({rope_type}) has unknown key(s) {', '.join(unknown)}")
+    for key in required + optional:
+        v = value.get(key)
+        if v is None:
+            continue
+        if key in _ROPE_BOOL_KEYS:
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, found {v!r}")
+            continue
+        number = (int,) if key in _ROPE_INT_KEYS else (int, float)
+        if isinstance(v, bool) or not isinstance(v, number):
+            kind = "an int" if key in _ROPE_INT_KEYS else "a number"
+            raise ConfigError(f"{where}.{key} must be {kind}, found {v!r}")
+        if v < 0 or (v == 0 and key not in _ROPE_NONNEGATIVE_KEYS):
+            raise ConfigError(f"{where}.{key} must be positive, found {v!r}")
+    if rope_type == "llama3" and not value["high_freq_factor"] > value["low_freq_factor"]:
+        raise ConfigError(
+            f"{where}: high_freq_factor ({value['high_freq_factor']}) must exceed low_freq_factor "
+            f"({value['low_freq_factor']})"
+        )
+    return dict(value)
 
 
 # --------------------------------------------------------------------------------------------

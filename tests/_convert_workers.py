@@ -35,9 +35,10 @@ def tiny_tokenizer(directory: str, n_tokens: int) -> None:
 
 def make_hf_checkpoint(directory: str, family: str, *, vocab: int = 150, layers: int = 2,
                        tie=None, tokenizer_tokens=None, seed: int = 0, dtype=torch.float32,
-                       max_shard_size=None):
+                       max_shard_size=None, rope=None):
     """Save a tiny random model of ``family`` (weights drawn large enough that mapping mistakes
-    change the logits visibly). Returns the HF model (eval, fp32, sdpa)."""
+    change the logits visibly); ``rope`` is an optional RoPE scaling dict (``rope_parameters``
+    without ``rope_theta``). Returns the HF model (eval, fp32, sdpa)."""
     import transformers
 
     cfg_name, model_name, extra, tied = FAMILY_SETUPS[family]
@@ -45,7 +46,7 @@ def make_hf_checkpoint(directory: str, family: str, *, vocab: int = 150, layers:
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tied if tie is None else tie,
-        **extra,
+        **({} if rope is None else {"rope_parameters": dict(rope, rope_theta=5000.0)}), **extra,
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)

@@ -3,7 +3,8 @@
 A family is a small record of how an HF decoder differs from the plain Llama shape (bias on the
 QKV projection, per-head q/k RMSNorm). :func:`parse_hf_config` reads an HF ``config.json`` into
 the family and a :class:`~megatron_nbdiff.config.ModelConfig`, refusing what the megatron model
-cannot represent exactly (other activations, output-projection or MLP biases, scaled RoPE).
+cannot represent exactly (other activations, output-projection or MLP biases, RoPE scaling
+other than ``linear``, ``llama3`` and ``yarn``).
 :func:`hf_config_for_export` goes the other way for exported checkpoints.
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import os
 from typing import Any, Optional
 
-from ..config import ModelConfig
+from ..config import ROPE_SCALING_KEYS, ModelConfig, check_rope_scaling
 from ..dtypes import HF_DTYPE_NAMES
+from ..errors import ConfigError
 from .errors import ConversionError
 
 
@@ -109,6 +111,33 @@ def family_of(raw: dict[str, Any]) -> Family:
     return family
 
 
+def _rope_scaling(rope: dict[str, Any], max_position_embeddings) -> Optional[dict[str, Any]]:
+    """:attr:`ModelConfig.rope_scaling` from the config's (transformers-standardised) RoPE
+    parameters: None for plain RoPE; the type and the parameters its frequencies read for
+    ``linear``, ``llama3`` and ``yarn`` (YaRN without a ``factor`` takes
+    ``max_position_embeddings / original_max_position_embeddings``, as transformers does); any
+    other type refused."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise ConversionError(
+            f"RoPE scaling {rope_type!r} is not supported; only plain RoPE and the scaling types "
+            f"{', '.join(sorted(ROPE_SCALING_KEYS))} convert exactly"
+            + (" (its frequencies change with the sequence length)" if rope_type == "dynamic" else "")
+        )
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    out = {"rope_type": rope_type}
+    out.update({k: rope[k] for k in required + optional if k in rope})
+    if rope_type == "yarn" and out.get("factor") is None and max_position_embeddings \
+            and out.get("original_max_position_embeddings"):
+        out["factor"] = max_position_embeddings / out["original_max_position_embeddings"]
+    try:
+        return check_rope_scaling(out)
+    except ConfigError as e:
+        raise ConversionError(f"config.json's RoPE scaling is not usable: {e}") from None
+
+
 def parse_hf_config(hf_dir: str, max_seq_len: Optional[int] = None,
                     make_vocab_size_divisible_by: int = 128) -> HFModelInfo:
     """Read ``hf_dir/config.json`` into a family and a :class:`ModelConfig`."""
@@ -137,12 +166,7 @@ def parse_hf_config(hf_dir: str, max_seq_len: Optional[int] = None,
     rope = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(rope, dict) and "full_attention" in rope and isinstance(rope["full_attention"], dict):
         rope = rope["full_attention"]
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise ConversionError(
-            f"RoPE scaling {rope_type!r} is not supported; only plain RoPE (rope_type 'default') "
-            "converts exactly"
-        )
+    rope_scaling = _rope_scaling(rope, getattr(cfg, "max_position_embeddings", None))
     rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
     if rope_theta is None:
         raise ConversionError("config.json gives no rope_theta")
@@ -178,6 +202,7 @@ def parse_hf_config(hf_dir: str, max_seq_len: Optional[int] = None,
             kv_channels=head_dim,
             max_seq_len=seq,
             rope_base=float(rope_theta),
+            rope_scaling=rope_scaling,
             norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             qk_layernorm=family.qk_norm,
             add_qkv_bias=family.qkv_bias,
@@ -211,7 +236,7 @@ def hf_config_for_export(family: Family, mc: ModelConfig, dtype: str,
             head_dim=mc.kv_channels,
             max_position_embeddings=mc.max_seq_len,
             rms_norm_eps=mc.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": mc.rope_base},
+            rope_parameters=dict(mc.rope_scaling or {"rope_type": "default"}, rope_theta=mc.rope_base),
             tie_word_embeddings=mc.tie_embeddings,
         ).to_dict()
     out["architectures"] = [family.architecture]

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..attention.core_attention import BlockDiffusionAttention
 from ..attention.masks import DUAL_LAYOUTS, MaskSpec, check_layout
 from ..config import ModelConfig
+from .rope import inverse_frequencies
 from .spec import get_nbdiff_block_spec
 
 
@@ -115,6 +116,14 @@ class NBDiffModel(MegatronModule):
             rotary_base=model_config.rope_base,
             vp_stage=vp_stage,
         )
+        if model_config.rope_scaling is not None:
+            # megatron-core's RotaryEmbedding knows only plain RoPE and Llama 3 with fixed
+            # parameters: its table is ``outer(positions, inv_freq)``, so the scaled frequencies
+            # (computed as transformers does) replace ``inv_freq`` before the first (cached) call.
+            rotary = self.gpt.rotary_pos_emb
+            rotary.inv_freq = inverse_frequencies(
+                model_config.kv_channels, model_config.rope_base, model_config.rope_scaling
+            ).to(device=rotary.inv_freq.device, dtype=rotary.inv_freq.dtype)
         # attributes megatron-core's schedules and gradient finalisation look up on the model
         self.model_type = self.gpt.model_type
         self.share_embeddings_and_output_weights = self.gpt.share_embeddings_and_output_weights

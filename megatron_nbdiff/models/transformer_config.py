@@ -26,6 +26,8 @@ def transformer_config(
     passed through (e.g. ``perform_initialization=False``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from .rope import softmax_scale
+
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(TORCH_DTYPES)}, found {dtype!r}")
     check_parallel_sizes(model, tp=tp, pp=pp)
@@ -56,6 +58,8 @@ def transformer_config(
         persist_layer_norm=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        # YaRN's factor on cos and sin, folded into the attention scores (see models/rope.py)
+        softmax_scale=softmax_scale(model.kv_channels, model.rope_scaling),
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         params_dtype=torch_dtype,
