@@ -454,10 +454,13 @@ def test_hf_config_parsing(tmp_path):
         tmp_path, "q2", model_type="qwen2", architectures=["Qwen2ForCausalLM"],
         use_sliding_window=True, sliding_window=32, max_window_layers=0))
     assert qwen2.model_config.add_qkv_bias and "sliding attention window of 32" in qwen2.notes[0]
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    info = parse_hf_config(_config_dir(tmp_path, "llama3", rope_scaling=llama3, rope_theta=10000.0))
+    assert info.model_config.rope_scaling == llama3 and info.model_config.rope_base == 10000.0
     refusals = [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-          "rope_theta": 10000.0}, "RoPE scaling 'llama3'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_theta": 10000.0},
+         "RoPE scaling 'dynamic'"),
         ({"attention_bias": True}, "attention_bias=true"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "only LlamaForCausalLM"),
