@@ -4,7 +4,8 @@ linear) and Qwen2 (yarn) checkpoints give the HF logits at positions well past t
 context (TP=1 here, TP=2 and PP=2 in two gloo processes); the export restores the config's RoPE
 section, the weights and the logits exactly; other types (``dynamic``, ``longrope``) are refused
 with one error line and no output; ``ModelConfig.rope_scaling`` is validated and old
-``nbdiff.json`` files without it still load. Tiny random models, fp32, CPU."""
+``nbdiff.json`` files without it still load; the Megatron decoding runner (KV cache) agrees with
+the HF runner under YaRN. Tiny random models, fp32, CPU."""
 import copy
 import json
 import os
@@ -264,3 +265,27 @@ def test_metadata_without_the_field_still_loads(converted, tmp_path):
     d.mkdir()
     (d / "nbdiff.json").write_text(json.dumps(data))
     assert read_metadata(str(d)).get_model_config().rope_scaling is None
+
+
+def test_decoding_runners_agree_past_the_original_context(hf, tmp_path):
+    """YaRN through decoding: the Megatron runner (KV cache, the same model) gives the HF runner's
+    (transformers on the export) prefill/denoise/commit logits and the same generated tokens,
+    with prompts and generations running past original_max_position_embeddings."""
+    from megatron_nbdiff.inference import generate, load_runner
+
+    meg, exp = str(tmp_path / "meg"), str(tmp_path / "exp")
+    convert_hf_to_megatron(hf["qwen2_yarn"][0], meg, mask_token="append", progress=False)
+    convert_megatron_to_hf(meg, exp, progress=False)
+    mask = read_metadata(meg).mask_token["id"]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (18, 22)]
+    ours, theirs = load_runner(meg), load_runner(exp)
+    for r in (ours, theirs):
+        r.prefill(prompts)
+    block = torch.tensor([[5, mask, mask, 7]] * 2)
+    torch.testing.assert_close(ours.denoise(block), theirs.denoise(block), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(ours.commit(block), theirs.commit(block), atol=ATOL, rtol=ATOL)
+    for kw in (dict(mode="ar"), dict(block_size=4, threshold=0.3)):
+        a = generate(ours, prompts, max_new_tokens=24, stop_at_eos=False, **kw)
+        b = generate(theirs, prompts, max_new_tokens=24, stop_at_eos=False, **kw)
+        assert [x["token_ids"] for x in a] == [x["token_ids"] for x in b], kw
