@@ -91,7 +91,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_resumable_run(corpus, tmp_path, 
     for s in range(3):
         assert got[s]["loss"] == reference[s]["loss"], (point, s)
     names = sorted(os.listdir(ckpts))
-    assert names == ["latest", "step_0000003"], names
+    assert names == ["FORMAT", "latest", "step_0000003"], names
     assert (ckpts / "step_0000003" / "COMPLETE").is_file()
 
 
@@ -107,6 +107,22 @@ def test_restarting_a_finished_run_does_not_rewrite_its_checkpoint(corpus, tmp_p
     assert (final / "COMPLETE").stat().st_mtime_ns == stamp
 
 
+def test_checkpoints_of_an_earlier_version_are_adopted_not_removed(corpus, tmp_path, reference):
+    """Checkpoints written before the COMPLETE marker existed (no FORMAT file in checkpoints/) are
+    trusted as that version trusted them, instead of being removed as unmarked leftovers."""
+    data = make_config(corpus, tmp_path, train=dict(steps=2), checkpoint=dict(save_interval=1, keep=2))
+    assert run(data)[0] == 0
+    ckpts = tmp_path / "checkpoints"
+    for name in ("FORMAT", "step_0000001/COMPLETE", "step_0000002/COMPLETE"):
+        (ckpts / name).unlink()  # the layout an earlier version left
+    (ckpts / "step_0000003.tmp").mkdir()  # and an interrupted save of it
+    data["train"]["steps"] = 3
+    code, trainer = run(data)
+    assert code == 0 and trainer.start_step == 2
+    assert sorted(os.listdir(ckpts)) == ["FORMAT", "latest", "step_0000002", "step_0000003"]
+    assert losses(tmp_path)[2]["loss"] == reference[2]["loss"]
+
+
 def test_resume_falls_back_to_the_newest_checkpoint_that_loads(corpus, tmp_path):
     data = make_config(corpus, tmp_path, train=dict(steps=2), checkpoint=dict(save_interval=1, keep=2))
     assert run(data)[0] == 0
@@ -118,7 +134,7 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_loads(corpus, tmp_path)
     with pytest.warns(UserWarning, match="could not be loaded"):
         code, trainer = run(data)
     assert code == 0 and trainer.start_step == 1
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_0000002", "step_0000003"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["FORMAT", "latest", "step_0000002", "step_0000003"]
     # a marker-less checkpoint named by latest is not trusted, and when nothing else loads (step 2
     # is still corrupt) the run stops instead of starting from scratch over its checkpoints
     (tmp_path / "checkpoints" / "step_0000003" / "COMPLETE").unlink()
@@ -152,7 +168,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_pat
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "No space left on device" in lines[0] and "step_0000002" in lines[0]
     assert "Traceback" not in err
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_0000001"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["FORMAT", "latest", "step_0000001"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000001"
 
 

@@ -13,6 +13,8 @@ Layout of ``save_dir`` (:class:`RunFolder`)::
         nbdiff.json          (runs started from a converted checkpoint) metadata for loading
         COMPLETE             written last: only a checkpoint holding it is trusted
       latest               the name of the newest complete checkpoint (for people and tools)
+      FORMAT               "2": this folder's checkpoints carry COMPLETE (earlier versions'
+                           checkpoints, without it, are adopted once as complete)
 
 A save can be killed at any instruction and the run still resumes (docs/architecture.md,
 "Checkpoints"): a checkpoint is written under ``step_N.tmp``, renamed to ``step_N`` and only then
@@ -34,6 +36,7 @@ from ..errors import CheckpointError, ConfigError, TrainingError
 from ..fileio import atomic_write
 
 COMPLETE = "COMPLETE"
+FORMAT = "FORMAT"  # in checkpoints/: written by versions that mark complete checkpoints
 STATE = "trainer_state.json"
 _PREFIX = "step_"
 FAULT_ENV = "NBDIFF_FAULT_KILL_AT"
@@ -130,6 +133,28 @@ class RunFolder:
                           f"using {os.path.basename(newest)}")
         return newest
 
+    def adopt_legacy(self) -> list[str]:
+        """A checkpoints folder written before checkpoints carried ``COMPLETE`` (it has no
+        ``FORMAT`` file): mark each ``step_N`` that has ``trainer_state.json`` complete, as the
+        version that wrote it trusted it (a load failure still falls back to an older one), so
+        that :meth:`clean` does not remove a run's checkpoints on upgrade. Returns their names."""
+        if not os.path.isdir(self.checkpoints) or os.path.isfile(os.path.join(self.checkpoints, FORMAT)):
+            return []
+        adopted = []
+        for name in sorted(os.listdir(self.checkpoints)):
+            path = os.path.join(self.checkpoints, name)
+            if (name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and os.path.isdir(path)
+                    and os.path.isfile(os.path.join(path, STATE)) and not self.is_complete(path)):
+                atomic_write(os.path.join(path, COMPLETE), f"{int(name[len(_PREFIX):])}\n")
+                adopted.append(name)
+        self.mark_format()
+        return adopted
+
+    def mark_format(self) -> None:
+        os.makedirs(self.checkpoints, exist_ok=True)
+        if not os.path.isfile(os.path.join(self.checkpoints, FORMAT)):
+            atomic_write(os.path.join(self.checkpoints, FORMAT), "2\n")
+
     def clean(self) -> list[str]:
         """Remove what an interrupted save left (temporaries, unmarked checkpoints); returns the
         names removed. Call on one rank, before any save."""
@@ -186,7 +211,7 @@ class Checkpointer:
             return final
         tmp = final + ".tmp"
         if self.rank == 0:
-            os.makedirs(self.folder.checkpoints, exist_ok=True)
+            self.folder.mark_format()
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         self.barrier()
@@ -234,6 +259,9 @@ class Checkpointer:
     def prepare(self) -> None:
         """Rank 0 removes what interrupted saves left; every rank waits."""
         if self.rank == 0:
+            adopted = self.folder.adopt_legacy()
+            if adopted:
+                self.log(f"checkpoint(s) {', '.join(adopted)} from an earlier version adopted as complete")
             removed = self.folder.clean()
             if removed:
                 self.log(f"removed incomplete checkpoint(s) {', '.join(removed)} left by an interrupted save")
