@@ -28,3 +28,16 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     make_corpus(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    """torch.distributed and megatron's parallel state for one process (TP=PP=1), for a test
+    module that builds models in-process; torn down after the module. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_process_group")``."""
+    from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    initialize_parallel(1, 1, init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    destroy_parallel()

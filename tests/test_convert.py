@@ -23,7 +23,6 @@ from megatron_nbdiff.checkpoint import (
 )
 from megatron_nbdiff.checkpoint.metadata import FORMAT_VERSION
 from megatron_nbdiff.cli import run_main
-from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
 
 from _convert_workers import hf_logits, input_ids, make_hf_checkpoint, run_layouts
 
@@ -43,12 +42,7 @@ def _tool(name):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    initialize_parallel(1, 1, init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    destroy_parallel()
+pytestmark = pytest.mark.usefixtures("one_process_group")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,11 @@ import torch
 
 from megatron_nbdiff.config import ModelConfig
 from megatron_nbdiff.models import NBDiffModel
-from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
 
 VOCAB, MASK = 97, 96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group():
-    initialize_parallel(1, 1, init_method="tcp://127.0.0.1:29611", rank=0, world_size=1)
-    yield
-    destroy_parallel()
+pytestmark = pytest.mark.usefixtures("one_process_group")  # tests/conftest.py
 
 
 def tiny_config(**overrides):

@@ -29,7 +29,6 @@ from megatron_nbdiff.cli import run_main
 from megatron_nbdiff.config import ModelConfig
 from megatron_nbdiff.errors import ConfigError
 from megatron_nbdiff.models.rope import attention_factor, inverse_frequencies
-from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
 
 from _convert_workers import hf_logits, make_hf_checkpoint, run_layouts
 
@@ -54,12 +53,7 @@ def _logits(model, ids):
         return model(ids, layout="causal").clean
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    initialize_parallel(1, 1, init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    destroy_parallel()
+pytestmark = pytest.mark.usefixtures("one_process_group")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
