@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from megatron_nbdiff.attention.core_attention import check_parallel_divisibility
 from megatron_nbdiff.config import RunConfig
+from megatron_nbdiff.parallel import check_parallel_sizes
 from megatron_nbdiff.slurm import validate_launch
 from megatron_nbdiff.training.recipes import resolve_recipe
 
@@ -24,7 +24,7 @@ def test_config_parses_and_is_consistent(path):
     cfg = RunConfig.load(path)
     t, m = cfg.train, cfg.model
     assert m is not None, "ship the architecture so the launcher can check layouts without the checkpoint"
-    check_parallel_divisibility(m.num_attention_heads, m.num_query_groups, t.tp)
+    check_parallel_sizes(m, tp=t.tp)
     assert m.num_layers % t.pp == 0
     assert t.seq_len <= m.max_seq_len
     assert cfg.data.train, "data.train must name a dataset (a placeholder path is fine)"

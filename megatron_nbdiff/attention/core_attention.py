@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.flex_attention import flex_attention
 
+from ..parallel import check_parallel_sizes
 from .flex import block_mask_for, clean_part_is_causal
 from .masks import DUAL_LAYOUTS, MaskSpec, dense_allowed_from_spec
 
@@ -73,17 +74,6 @@ def _flex(q, k, v, block_mask, scale):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
-
-
-def check_parallel_divisibility(num_heads: int, num_query_groups: int, tp: int) -> None:
-    """Clear errors for tensor-parallel sizes that do not split the heads evenly (the heads part
-    of :func:`megatron_nbdiff.parallel.check_parallel_sizes`)."""
-    import types
-
-    from ..parallel import check_parallel_sizes
-
-    check_parallel_sizes(types.SimpleNamespace(num_attention_heads=num_heads, num_query_groups=num_query_groups,
-                                               num_layers=1), tp=tp)
 
 
 def validate_doc_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -167,7 +157,7 @@ class BlockDiffusionAttention(MegatronModule):
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp = pg_collection.tp.size()
-        check_parallel_divisibility(config.num_attention_heads, config.num_query_groups, tp)
+        check_parallel_sizes(config, tp=tp)  # heads and query groups split evenly over TP
         self.backend = backend
         self.layer_number = layer_number
         self.attention_type = attention_type
