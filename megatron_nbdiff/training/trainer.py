@@ -31,7 +31,7 @@ from .checkpointing import Checkpointer, RunFolder
 from .metrics import MetricsLogger, StepMetrics, step_tokens, throughput
 from .model_and_optimizer import build_model_and_optimizer, mfu, optimizer_step, peak_flops_per_token
 from .step import StepSettings, reduce_parts, run_micro_batches
-from .validation import check_resume, validate_run
+from .validation import check_resume, validate_job
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -62,16 +62,16 @@ class Trainer:
         compat.install_safe_loading()
         initialize_parallel(t.tp, t.pp, seed=t.seed)
         self.rank = dist.get_rank()
-        self.plan = validate_run(cfg, world_size=dist.get_world_size())  # before anything is written
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        cache = cfg.data.cache_dir or self.folder.data_cache
+        self.plan = validate_job(cfg, cache, self.device)  # before anything is written
         self.recipe, self.model_config = self.plan.recipe, self.plan.model
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.last_stage = ps.is_pipeline_last_stage()
-        self.cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.dtype = t.dtype if t.dtype != "auto" else ("bf16" if self.cuda else "fp32")
         created = not os.path.isdir(self.folder.root)
-        cache = cfg.data.cache_dir or self.folder.data_cache
         try:
             vocab = self.model_config.vocab_size
             if self.rank == 0:  # rank 0 builds megatron's index cache, the others read it

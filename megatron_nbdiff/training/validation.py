@@ -86,9 +86,11 @@ def resolve_model(cfg: RunConfig, meta) -> Optional[ModelConfig]:
 
 
 def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True,
-                 cache_dir: Optional[str] = None) -> RunPlan:
+                 cache_dir: Optional[str] = None, scan_tokens: bool = True) -> RunPlan:
     """Check a run config as a whole; see the module docstring. ``world_size`` (processes of the
-    job) adds the parallel-layout and batch checks that need it."""
+    job) adds the parallel-layout and batch checks that need it. ``check_data`` checks the data
+    files; ``scan_tokens`` also reads every token id once (the one costly check: a job runs it on
+    one rank)."""
     t = cfg.train
     save_dir = cfg.checkpoint.save_dir
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
@@ -126,8 +128,29 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
 
         for prefix in data_prefixes(cfg.data.train):
             check_prefix(prefix)
-            check_token_ids(prefix, mc.vocab_size, mask, tok.vocab_size, cache_dir)
+            if scan_tokens:
+                check_token_ids(prefix, mc.vocab_size, mask, tok.vocab_size, cache_dir)
     return RunPlan(mc, recipe, mask, int(tok.eod_id), tok.vocab_size, meta)
+
+
+def validate_job(cfg: RunConfig, cache_dir: Optional[str], device) -> RunPlan:
+    """:func:`validate_run` on every rank of the running job; the one pass over the data's token
+    ids runs on rank 0 only (remembered in ``cache_dir`` once it exists), and every rank stops when
+    any rank refused the run."""
+    import torch.distributed as dist
+
+    from ..errors import NBDiffError
+    from ..parallel import all_ranks_agree
+
+    error, plan = None, None
+    try:
+        plan = validate_run(cfg, world_size=dist.get_world_size(), scan_tokens=dist.get_rank() == 0,
+                            cache_dir=cache_dir)
+    except NBDiffError as exc:
+        error = exc
+    if not all_ranks_agree(error is None, device):
+        raise error or TrainingError("run validation failed on another rank (see its error)")
+    return plan
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
