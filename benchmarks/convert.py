@@ -1,19 +1,25 @@
-"""Conversion speed and memory on a synthetic multi-GB Llama-shaped checkpoint.
+"""Conversion speed and memory on a synthetic multi-GB Llama-shaped checkpoint, against a plain
+copy of the same bytes measured in the same run.
 
 Writes random bf16 weights of a Llama-shaped model shard by shard with ``safetensors`` (no
-transformers model is ever built), then runs ``tools/convert_hf_to_megatron.py`` (and the export
-back, ``tools/convert_megatron_to_hf.py``) as subprocesses, polling their resident memory with
-psutil (the process and its children: megatron's checkpoint writer forks helpers) and reading
-``ru_maxrss`` of the children afterwards. Reports wall time, MB/s of checkpoint and peak RSS
-divided by the checkpoint size (target <= 1.3), median over ``--runs``.
+transformers model is ever built). Each run then times, as subprocesses:
+
+- a plain copy of the HF checkpoint's files (read, write, fsync: what any conversion must at
+  least do), then ``tools/convert_hf_to_megatron.py`` on them;
+- a plain copy of the converted checkpoint's files, then ``tools/convert_megatron_to_hf.py``.
+
+Resident memory is polled with psutil (the process, and PSS summed over its process tree).
+Reports medians over ``--runs``: wall time, MB/s of checkpoint, peak RSS / checkpoint size
+(target <= 0.3) and the conversion's throughput over the copy's (target >= 0.5). Throughput is
+given twice: over the tool's own conversion time (from its summary line: reading the config to
+the last fsync, what scales with the checkpoint) and over the whole process (which adds about
+8 s of importing torch, megatron-core and transformers on 2 cores, a constant).
 
     python benchmarks/convert.py --workdir /tmp/nbdiff-bench --runs 3 [--keep]
 
 The source files were just written and synced; whether they are still in the page cache depends
-on the host (a VM that reclaims page cache proactively reads them from disk). Wall times include
-the tools' start-up (importing torch, megatron-core and transformers, about 8 s on 2 cores); the
-tools' summaries give the read and write phases. The workdir is deleted at the end unless
-``--keep``.
+on the host, but the copy and the conversion read the same files one after the other, so they
+see the same cache. The workdir is deleted at the end unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -157,6 +164,36 @@ def run_measured(cmd: list[str], poll_s: float = 0.05) -> dict:
             "summary": out.strip().splitlines()[-1] if out.strip() else ""}
 
 
+COPY_SCRIPT = """
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+for d, _, files in os.walk(src):
+    os.makedirs(os.path.join(dst, os.path.relpath(d, src)), exist_ok=True)
+    for f in files:
+        out = os.path.join(dst, os.path.relpath(d, src), f)
+        shutil.copyfile(os.path.join(d, f), out)
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+print("copied")
+"""
+
+
+def tool_seconds(summary: str) -> float:
+    """The conversion time a tool's summary line reports (``..., 12.3 s ...``)."""
+    m = re.search(r", ([0-9.]+) s\b", summary)
+    if m is None:
+        raise SystemExit(f"no time in the summary line {summary!r}")
+    return float(m.group(1))
+
+
+def copy_run(src: str, dst: str) -> dict:
+    result = run_measured([sys.executable, "-c", COPY_SCRIPT, src, dst])
+    shutil.rmtree(dst)
+    os.sync()
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/nbdiff-convert-bench")
@@ -183,14 +220,18 @@ def main(argv=None) -> int:
         os.sync()  # no write-back of the synthetic files competing with the measured runs
         print(f"synthetic checkpoint: {size / 1e9:.2f} GB in {len(os.listdir(hf_dir)) - 2} shards "
               f"({time.time() - t:.0f} s to write)", flush=True)
-        rows = {"hf->megatron": [], "megatron->hf": []}
+        rows = {"copy of the HF files": [], "hf->megatron": [], "copy of the megatron files": [],
+                "megatron->hf": []}
         for r in range(args.runs):
             mg = os.path.join(args.workdir, f"mg{r}")
+            rows["copy of the HF files"].append(copy_run(hf_dir, os.path.join(args.workdir, "copy")))
             cmd = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out-dir", mg,
                    "--tp", str(args.tp), "--dtype", "bf16", "--mask-token", "append", "--no-progress"]
             rows["hf->megatron"].append(run_measured(cmd))
             print(f"run {r}: {rows['hf->megatron'][-1]}", flush=True)
+            os.sync()
             if not args.no_export:
+                rows["copy of the megatron files"].append(copy_run(mg, os.path.join(args.workdir, "copy")))
                 out = os.path.join(args.workdir, f"out{r}")
                 cmd = [sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", mg,
                        "--out-dir", out, "--no-progress"]
@@ -204,20 +245,30 @@ def main(argv=None) -> int:
         print()
         print(f"device: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
-              f"{datetime.date.today().isoformat()}; median of {args.runs} run(s); wall time includes start-up")
+              f"{datetime.date.today().isoformat()}; median of {args.runs} run(s)")
         print(f"checkpoint: Llama-shaped, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
               f"{args.heads}/{args.kv_heads} heads, vocab {args.vocab}, bf16: HF {size / 1e9:.2f} GB, "
               f"megatron torch_dist {mg_size / 1e9:.2f} GB")
-        print("| direction | time (s) | MB/s | peak RSS (GB) | peak RSS / size | tree PSS / size |")
-        print("|---|---|---|---|---|---|")
+        print("| run | wall (s) | MB/s (wall) | conversion (s) | MB/s (conversion) | x copy (conversion) "
+              "| x copy (wall) | peak RSS (GB) | peak RSS / size | tree PSS / size |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        copy_rate = {}
         for name, runs in rows.items():
             if not runs:
                 continue
+            nbytes = size if name in ("copy of the HF files", "hf->megatron") else mg_size
             sec = statistics.median(x["seconds"] for x in runs)
             rss = statistics.median(x["peak_rss"] for x in runs)
             tree = statistics.median(x["peak_tree_pss"] for x in runs)
-            print(f"| {name} | {sec:.1f} | {size / 1e6 / sec:.0f} | {rss / 1e9:.2f} | "
-                  f"{rss / size:.2f} | {tree / size:.2f} |")
+            if name.startswith("copy"):
+                copy_rate[name] = nbytes / sec
+                print(f"| {name} | {sec:.1f} | {nbytes / 1e6 / sec:.0f} | | | | | {rss / 1e9:.2f} | | |")
+                continue
+            base = copy_rate["copy of the HF files" if name == "hf->megatron" else "copy of the megatron files"]
+            conv = statistics.median(tool_seconds(x["summary"]) for x in runs)
+            print(f"| {name} | {sec:.1f} | {nbytes / 1e6 / sec:.0f} | {conv:.1f} | {nbytes / 1e6 / conv:.0f} | "
+                  f"{nbytes / conv / base:.2f} | {nbytes / sec / base:.2f} | {rss / 1e9:.2f} | "
+                  f"{rss / nbytes:.2f} | {tree / nbytes:.2f} |")
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -363,10 +363,15 @@ def test_bad_input_is_refused_without_output(hf, tmp_path, capsys):
 def test_crash_leaves_no_complete_looking_output(hf, tmp_path, monkeypatch):
     from megatron_nbdiff.checkpoint import hf_to_megatron
 
-    def boom(*args, **kwargs):
-        raise RuntimeError("simulated crash while writing")
+    real, calls = hf_to_megatron._fill, []
 
-    monkeypatch.setattr(hf_to_megatron, "_write_weights", boom)
+    def boom(*args, **kwargs):  # the third tensor fails while the weights file is half written
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash while writing")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_to_megatron, "_fill", boom)
     out = str(tmp_path / "out")
     with pytest.raises(RuntimeError, match="simulated"):
         convert_hf_to_megatron(hf["qwen3"][0], out, progress=False)

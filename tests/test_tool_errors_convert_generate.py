@@ -148,17 +148,39 @@ def _hf_no_space(c, t, monkeypatch):
     return [c["hf"]]
 
 
+class _FillsUp:
+    """A writable stream that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, stream, room: int, path: str):
+        self.stream, self.room, self.path = stream, room, path
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            self.stream.write(bytes(memoryview(data).cast("B")[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        self.room -= n
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def _hf_full_disk_while_writing(c, t, monkeypatch):
-    """megatron's save writes part of a shard, then the disk is full."""
-    from megatron.core import dist_checkpointing
+    """The disk fills up 1000 bytes into the first weights file torch's checkpoint writer opens."""
+    import contextlib
 
-    def full_disk(sharded, directory, *args, **kwargs):
-        shard = os.path.join(directory, "__0_0.distcp")
-        with open(shard, "wb") as f:
-            f.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), shard)
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    monkeypatch.setattr(dist_checkpointing, "save", full_disk)
+    real = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def fills_up(self, path, mode):
+        with real(self, path, mode) as stream:
+            yield _FillsUp(stream, 1000, str(path)) if str(path).endswith(".distcp") else stream
+
+    monkeypatch.setattr(FileSystem, "create_stream", fills_up)
     return [c["hf"]]
 
 
@@ -295,7 +317,7 @@ def _mg_missing_shard(c, t, m=None):
 
 def _mg_truncated_shard(c, t, m=None):
     d = _mg_copy(c, t)
-    _truncate(os.path.join(d, "model", "__0_1.distcp"), 100)
+    _truncate(os.path.join(d, "model", "__0_0.distcp"), 100)
     return d
 
 
@@ -337,7 +359,7 @@ MG_CASES = {
     "not-a-checkpoint": (lambda c, t, m: c["hf"], [], 2, ["no nbdiff.json"]),
     "truncated-nbdiff-json": (_mg_truncated_json, [], 2, ["nbdiff.json", "cannot read"]),
     "missing-shard": (_mg_missing_shard, [], 2, ["__0_0.distcp is missing"]),
-    "truncated-shard": (_mg_truncated_shard, [], 2, ["__0_1.distcp is truncated", "needs", "the file has"]),
+    "truncated-shard": (_mg_truncated_shard, [], 2, ["__0_0.distcp is truncated", "needs", "the file has"]),
     "truncated-index": (_mg_truncated_index, [], 2, [".metadata", "truncated or corrupt checkpoint metadata"]),
     "no-megatron-metadata": (_mg_no_megatron_metadata, [], 2, ["no metadata.json"]),
     "bad-shard-size": (lambda c, t, m: c["mg"], ["--max-shard-size", "lots"], 2, ["cannot read size 'lots'"]),
@@ -492,7 +514,7 @@ def test_console_convert_megatron_to_hf(ckpts, tmp_path):
     out = str(tmp_path / "out")
     p = _console("convert_megatron_to_hf.py", "--megatron-dir", _mg_truncated_shard(ckpts, tmp_path),
                  "--out-dir", out, "--no-progress")
-    _one_error_line(p, 2, "__0_1.distcp is truncated")
+    _one_error_line(p, 2, "__0_0.distcp is truncated")
     assert_nothing_left(out)
 
 

@@ -1,15 +1,16 @@
 """Hugging Face safetensors checkpoint -> megatron-core distributed checkpoint + ``nbdiff.json``.
 
 Conversion runs on one process. It checks everything it can before writing (config, every
-shard's header, every tensor's presence and shape, the mask token, the parallel layout), builds
-the project's model at TP=1/PP=1 in the target dtype without initialising it, reads each HF
-tensor straight into its megatron parameter (rows of q/k/v into their interleaved places, gate
-and up into the two halves of fc1, the vocabulary rows into the padded embedding), and saves the
-model's own sharded state dict with ``megatron.core.dist_checkpointing`` (``torch_dist``).
+shard's header, every tensor's presence and shape, the mask token, the parallel layout), then
+writes the project's model layout in ``torch_dist`` format (:mod:`.streaming_save`), reading
+each HF tensor straight into its megatron tensor when the writer reaches it (rows of q/k/v into
+their interleaved places, gate and up into the two halves of fc1, the vocabulary rows into the
+padded embedding).
 Every tensor read is checked for NaN/Inf (:mod:`.finite`): refused unless ``allow_nonfinite``.
 torch_dist stores global tensors, so the checkpoint loads at any TP/PP (megatron reshards on
 load); ``--tp/--pp`` are validated, set the vocabulary padding, and are recorded as the target.
-Peak memory is one copy of the model plus one tensor.
+Peak memory is about one tensor (the embedding, or one layer's largest weight): the writer asks
+for each tensor when it writes it (:mod:`.streaming_save`).
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import torch
 
 from .errors import ConversionError
 from .families import HFModelInfo, parse_hf_config
-from .finite import FiniteCheck
+from .finite import FiniteCheck, all_finite
 from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
-from .mapping import ParamMap, hf_shapes, param_maps, qkv_blocks, units
+from .mapping import ParamMap, hf_shapes, param_maps, qkv_blocks
 from .metadata import WEIGHTS_DIR, CheckpointMetadata, write_metadata
 from .safetensors_io import SafetensorsCheckpoint
+from .streaming_save import save_model
 from .tokenizer import DEFAULT_MASK_STRING, MaskPlan, load_tokenizer, resolve_mask, write_tokenizer
 
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -108,11 +110,8 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, info: HFModelInfo, maps: list[Pa
 
 
 def _mean_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    acc = torch.zeros(t.shape[1], dtype=torch.float64)
-    step = 4096
-    for lo in range(0, rows, step):
-        acc += t[lo: min(rows, lo + step)].to(torch.float64).sum(0)
-    return (acc / rows).to(t.dtype)
+    """Mean of the first ``rows`` rows, accumulated in float64 (no float64 copy of the rows)."""
+    return (t[:rows].sum(0, dtype=torch.float64) / rows).to(t.dtype)
 
 
 def _read_checked(ckpt: SafetensorsCheckpoint, name: str, dest: torch.Tensor, finite: FiniteCheck,
@@ -121,7 +120,7 @@ def _read_checked(ckpt: SafetensorsCheckpoint, name: str, dest: torch.Tensor, fi
     converted the dtype, the source rows are re-read to tell the source's from the cast's)."""
     ckpt.read_rows_into(name, dest, start, stop)
     source = ckpt.entries[name].dtype
-    if dest.dtype != source and not bool(torch.isfinite(dest).all()):
+    if dest.dtype != source and not all_finite(dest):
         raw = torch.empty(dest.shape, dtype=source)
         ckpt.read_rows_into(name, raw, start, stop)
         finite.check_cast(raw, dest, name)
@@ -150,23 +149,6 @@ def _fill(pm: ParamMap, layer, dest: torch.Tensor, ckpt: SafetensorsCheckpoint, 
         raise AssertionError(pm.kind)
 
 
-def _plain_fc1(sharded_state_dict: dict, num_layers: int) -> dict:
-    """At TP=1 the GLU fc1 factory only splits the tensor into two views (which the writer would
-    then clone); store the same global ``[gate ; up]`` tensor as one chunk instead."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    out = {}
-    for name, value in sharded_state_dict.items():
-        if isinstance(value, ShardedTensorFactory):
-            layer = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
-            value = ShardedTensor.from_rank_offsets(
-                value.key, value.data, (0, layer, num_layers), replica_id=value.replica_id,
-                prepend_axis_num=1,
-            )
-        out[name] = value
-    return out
-
-
 def convert_hf_to_megatron(
     hf_dir: str,
     out_dir: str,
@@ -185,7 +167,6 @@ def convert_hf_to_megatron(
     """Convert ``hf_dir`` into ``out_dir`` (see module docstring). Raises ConversionError; with
     ``allow_nonfinite`` NaN/Inf weights are converted with a warning and a note in
     ``nbdiff.json`` instead."""
-    from tqdm import tqdm
 
     start = time.time()
     if not os.path.isdir(hf_dir):
@@ -213,8 +194,10 @@ def convert_hf_to_megatron(
         check_free_space(out_dir, n_params * torch.empty((), dtype=_TORCH_DTYPE[dtype]).element_size())
         finite = FiniteCheck(allow_nonfinite)
         with AtomicOutputDir(out_dir, force, (hf_dir,)) as tmp:
-            phases = _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask,
-                                    os.path.join(tmp, WEIGHTS_DIR), progress, tqdm, finite)
+            phases = save_model(
+                mc, maps, tp, _TORCH_DTYPE[dtype], os.path.join(tmp, WEIGHTS_DIR),
+                lambda pm, layer, dest: _fill(pm, layer, dest, ckpt, mc, hf_rows, mask, finite),
+                progress)
             notes.extend(finite.warn())
             files = write_tokenizer(hf_dir, tmp, tokenizer, mask)
             meta = CheckpointMetadata(
@@ -251,49 +234,3 @@ def convert_hf_to_megatron(
         f"write {phases['write']:.1f} s)"
     )
     return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, meta, summary)
-
-
-def _write_weights(ckpt, mc, maps, tp, dtype, hf_rows, mask, weights_dir, progress, tqdm,
-                   finite: FiniteCheck) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from ..models import NBDiffModel
-    from ._runtime import checkpoint_failures, quiet_megatron_logs, raise_write_failure, single_process_group
-
-    quiet_megatron_logs()
-    # the vocabulary padded for the target TP, so the stored rows are what a run at --tp has
-    build_mc = dataclasses.replace(
-        mc, make_vocab_size_divisible_by=mc.make_vocab_size_divisible_by * tp
-    )
-    phases = {}
-    with single_process_group(), torch.no_grad():
-        t0 = time.time()
-        tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype, perform_initialization=False,
-                                         use_cpu_initialization=True)
-        model = NBDiffModel(build_mc, tc)
-        params = dict(model.gpt.named_parameters())
-        filled: set[str] = set()
-        bar = tqdm(units(maps, mc.num_layers), desc="reading HF tensors", unit="unit",
-                   disable=not progress)
-        for layer, unit in bar:
-            for pm in unit:
-                name = pm.megatron_name(layer)
-                _fill(pm, layer, params[name].data, ckpt, mc, hf_rows, mask, finite)
-                filled.add(name)
-        unfilled = sorted(set(params) - filled)
-        if unfilled:  # the table and the model disagree: a bug, not bad input
-            raise RuntimeError(f"parameters not covered by the HF mapping: {unfilled}")
-        phases["read"] = time.time() - t0
-        t0 = time.time()
-        os.makedirs(weights_dir)
-        sharded = _plain_fc1(model.sharded_state_dict(), mc.num_layers)
-        if progress:
-            print("writing torch_dist checkpoint ...", flush=True)
-        try:
-            dist_checkpointing.save(sharded, weights_dir)
-        except checkpoint_failures() as exc:  # a failed write comes back wrapped by the writers
-            raise_write_failure(exc, weights_dir)
-            raise
-        phases["write"] = time.time() - t0
-        del sharded, params, model
-    return phases

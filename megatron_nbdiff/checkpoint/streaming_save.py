@@ -1,0 +1,261 @@
+"""Write a megatron-core ``torch_dist`` checkpoint one tensor at a time.
+
+``dist_checkpointing.save`` takes a state dict of materialised tensors, so a converter that uses
+it must hold the whole model in memory before the first byte is written (1.15x the checkpoint at
+peak). torch's distributed-checkpoint writer does not need that: the :class:`SavePlanner` it is
+given plans the write items from metadata alone, and the writer asks the planner for each item's
+data (:meth:`SavePlanner.resolve_data`) only when it writes that item, then drops it. This module
+plans from a list of :class:`StoredTensor` (key, global shape, chunk, dtype and a function that
+produces the chunk's values) and :class:`StoredObject` (megatron's sharded objects, such as the
+linear layers' ``_extra_state``), so at most one tensor is resident at a time.
+
+The layout written is the one megatron-core writes for the same sharded state dict: the same
+keys, global shapes and chunks in torch's ``.metadata`` index, megatron's ``metadata.json``
+(``torch_dist`` backend) and an empty ``common.pt``; :func:`entries_of` derives the entries from
+a model's ``sharded_state_dict()``, so the keys are megatron's by construction. The result loads
+with ``dist_checkpointing.load`` at any TP/PP like a checkpoint megatron saved itself.
+:func:`save_model` does this for the project's model: both converters into this project's format
+(from HF safetensors and from Megatron-LM) write through it.
+
+Failures come out as they went in: whatever a ``produce`` raised (a refusal such as a NaN
+weight, a read error of the source) is re-raised as itself, not as torch's wrapper; a failed
+write becomes an ``OSError`` (a full disk names the file).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class StoredTensor:
+    """One chunk of a global tensor of the checkpoint."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Optional[Callable[[], torch.Tensor]] = None
+    """Returns the chunk's values (``shape``, ``dtype``); called once, when the chunk is written."""
+
+
+@dataclasses.dataclass
+class StoredObject:
+    """A megatron sharded object: ``torch.save`` bytes of ``[data]`` under its unique key."""
+
+    key: str
+    data: bytes
+
+
+def entries_of(sharded_state_dict: dict) -> tuple[dict[str, StoredTensor], list[StoredObject]]:
+    """The tensors (keyed by the model's state-dict name, ``produce`` unset) and objects of a
+    megatron sharded state dict, as :func:`save` writes them. Only main replicas are kept, as
+    megatron's own save does."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+
+    tensors: dict[str, StoredTensor] = {}
+    objects: list[StoredObject] = []
+    for name, value in sharded_state_dict.items():
+        if isinstance(value, ShardedTensor):
+            if not is_main_replica(value.replica_id):
+                continue
+            if value.flattened_range is not None:
+                raise NotImplementedError(f"{name}: flattened shards are not planned here")
+            prepend = value.prepend_axis_num
+            shape = (1,) * prepend + tuple(value.local_shape)
+            tensors[name] = StoredTensor(value.key, tuple(value.global_shape), tuple(value.global_offset),
+                                         shape, value.dtype)
+        elif isinstance(value, ShardedObject):
+            if not is_main_replica(value.replica_id):
+                continue
+            buf = io.BytesIO()
+            torch.save([value.data], buf)  # megatron stores a list of the objects sharing a key
+            objects.append(StoredObject(value.unique_key, buf.getvalue()))
+        else:
+            raise TypeError(f"{name}: cannot plan a {type(value).__name__}")
+    return tensors, objects
+
+
+class _StreamingPlanner:
+    """A torch ``SavePlanner`` over :class:`StoredTensor` / :class:`StoredObject` entries."""
+
+    def __init__(self, tensors: list[StoredTensor], objects: list[StoredObject]):
+        self.failed: Optional[BaseException] = None
+        """What a ``produce`` raised (reading the source, a refused tensor, a bug), if anything."""
+        self.by_index = {}
+        self.items = []
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+        )
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        for t in tensors:
+            index = MetadataIndex(t.key, torch.Size(t.offsets))
+            whole = tuple(t.shape) == tuple(t.global_shape)
+            self.items.append(WriteItem(
+                index=index, type=WriteItemType.TENSOR if whole else WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(t.offsets), sizes=torch.Size(t.shape)),
+                    properties=TensorProperties(dtype=t.dtype), size=torch.Size(t.global_shape)),
+            ))
+            self.by_index[(t.key, tuple(t.offsets))] = t
+        for o in objects:
+            self.items.append(WriteItem(index=MetadataIndex(o.key), type=WriteItemType.BYTE_IO))
+            self.by_index[(o.key, None)] = o
+
+    # -- the SavePlanner protocol --------------------------------------------------------------
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
+        pass
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.planner import SavePlan
+
+        return SavePlan(self.items)
+
+    def create_global_plan(self, all_plans):
+        from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+
+        return create_default_global_save_plan(all_plans)
+
+    def finish_plan(self, new_plan):
+        return new_plan
+
+    def resolve_data(self, write_item):
+        offsets = write_item.index.offset
+        entry = self.by_index[(write_item.index.fqn, None if offsets is None else tuple(offsets))]
+        if isinstance(entry, StoredObject):
+            return io.BytesIO(entry.data)
+        try:
+            value = entry.produce()
+        except BaseException as exc:  # torch wraps it; save() re-raises it as itself
+            self.failed = exc
+            raise
+        if tuple(value.shape) != tuple(entry.shape) or value.dtype != entry.dtype:
+            raise RuntimeError(  # a converter bug, not bad input
+                f"{entry.key}: produced {tuple(value.shape)} {value.dtype}, planned "
+                f"{tuple(entry.shape)} {entry.dtype}"
+            )
+        return value.contiguous()
+
+
+@contextlib.contextmanager
+def _no_zip_crc32():
+    """torch's writer stores every item with ``torch.save``, which computes a CRC-32 of the bytes
+    (half of the write's CPU time); ``torch.load`` never checks it. Off for the duration."""
+    from torch.utils.serialization import config
+
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
+
+def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) -> None:
+    """Write the entries as a megatron-core ``torch_dist`` checkpoint into the new directory
+    ``path`` (module docstring). One writer thread, files synced, no zip CRC-32
+    (:func:`_no_zip_crc32`); no process group needed."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from ._runtime import checkpoint_failures, raise_write_failure
+
+    missing = [t.key for t in tensors if t.produce is None]
+    if missing:
+        raise RuntimeError(f"no data source for {missing[:3]}")  # a converter bug
+    os.makedirs(path)
+    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+    planner = _StreamingPlanner(tensors, objects)
+    try:
+        with _no_zip_crc32():
+            dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except checkpoint_failures() as exc:  # torch wraps what failed inside its writer
+        if planner.failed is not None:  # producing a tensor failed, not writing it
+            raise planner.failed from None
+        raise_write_failure(exc, path)
+        raise
+    torch.save({}, os.path.join(path, "common.pt"))
+    save_config(CheckpointingConfig("torch_dist"), path)
+
+
+def _plain_fc1(sharded_state_dict: dict, num_layers: int) -> dict:
+    """At TP=1 the GLU fc1 factory only splits the tensor into two views; plan the same global
+    ``[gate ; up]`` tensor as one chunk instead (what megatron reads back at any TP)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for name, value in sharded_state_dict.items():
+        if isinstance(value, ShardedTensorFactory):
+            layer = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
+            value = ShardedTensor.from_rank_offsets(
+                value.key, value.data, (0, layer, num_layers), replica_id=value.replica_id,
+                prepend_axis_num=1,
+            )
+        out[name] = value
+    return out
+
+
+def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
+               fill: Callable[[object, Optional[int], torch.Tensor], None], progress: bool = True) -> dict:
+    """Write the weights of the project's model with config ``mc`` (vocabulary padded for
+    ``tp``) into ``path``, one tensor at a time. The model is built on the meta device only to
+    take megatron's sharded layout (keys, shapes, chunks); ``fill(param_map, layer, dest)``
+    writes the values of one parameter (a :class:`~.mapping.ParamMap` of ``maps``, at global
+    ``layer``) into ``dest`` when the writer reaches it. Returns the seconds spent filling
+    (``read``) and writing (``write``)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..models import NBDiffModel
+    from ._runtime import single_process_group
+    from .mapping import units
+
+    # the vocabulary padded for the target TP, so the stored rows are what a run at that TP has;
+    # RoPE scaling does not change the layout (and its table cannot be computed on meta)
+    build_mc = dataclasses.replace(mc, make_vocab_size_divisible_by=mc.make_vocab_size_divisible_by * tp,
+                                   rope_scaling=None)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    source = {pm.megatron_name(layer): (pm, layer) for layer, unit in units(maps, mc.num_layers) for pm in unit}
+    with single_process_group(), torch.no_grad():
+        tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype_name, perform_initialization=False,
+                                         use_cpu_initialization=True)
+        with torch.device("meta"):
+            model = NBDiffModel(build_mc, tc)
+        tensors, objects = entries_of(_plain_fc1(model.gpt.sharded_state_dict(), mc.num_layers))
+        del model
+    if set(tensors) != set(source):  # the table and the model disagree: a bug, not bad input
+        raise RuntimeError(f"parameter map and model differ: {sorted(set(tensors) ^ set(source))}")
+    total = sum(torch.Size(t.shape).numel() * t.dtype.itemsize for t in tensors.values())
+    bar = tqdm(total=total, desc="converting", unit="B", unit_scale=True, disable=not progress)
+    phases = {"read": 0.0, "write": 0.0}
+
+    def producer(pm, layer, entry: StoredTensor):
+        def produce() -> torch.Tensor:
+            t0 = time.time()
+            dest = torch.empty(entry.shape[1:] if pm.per_layer else entry.shape, dtype=entry.dtype)
+            fill(pm, layer, dest)
+            phases["read"] += time.time() - t0
+            bar.update(dest.numel() * dest.element_size())
+            return dest.unsqueeze(0) if pm.per_layer else dest
+        return produce
+
+    for name, entry in tensors.items():
+        entry.produce = producer(*source[name], entry)
+    t0 = time.time()
+    try:
+        save(path, list(tensors.values()), objects)
+    finally:
+        bar.close()
+    phases["write"] = time.time() - t0 - phases["read"]
+    return phases
