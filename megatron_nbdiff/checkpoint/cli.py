@@ -1,6 +1,7 @@
-"""The two conversion commands (``tools/convert_hf_to_megatron.py``,
-``tools/convert_megatron_to_hf.py``): argument parsing, the checks of the arguments, the call and
-a one-line summary. Run them through :func:`megatron_nbdiff.cli.run_main`: bad input raises
+"""The conversion commands (``tools/convert_hf_to_megatron.py``,
+``tools/convert_megatron_to_hf.py``, ``tools/convert_megatron_lm.py``): argument parsing, the
+checks of the arguments, the call and a one-line summary. Run them through
+:func:`megatron_nbdiff.cli.run_main`: bad input raises
 :class:`~megatron_nbdiff.checkpoint.errors.ConversionError` (one ``error:`` line, exit 2), a full
 disk or a permission problem an ``OSError`` (exit 1); neither leaves an output behind.
 
@@ -43,6 +44,26 @@ tokenizer and nbdiff.json. Loads with AutoModelForCausalLM.from_pretrained, no r
 Every shard of the checkpoint is checked before anything is written. --force, --allow-nonfinite
 and the exit status are as for tools/convert_hf_to_megatron.py; a cast to a narrower --dtype that
 turns finite weights into infinities counts as non-finite.
+"""
+
+
+MEGATRON_LM = """Convert a checkpoint written by Megatron-LM GPT training (--ckpt-format torch_dist, any
+TP/PP, Transformer Engine or local layer specs) into a megatron_nbdiff checkpoint with nbdiff.json.
+
+    python tools/convert_megatron_lm.py --load SAVE_DIR --tokenizer HF_TOKENIZER_DIR --out-dir OUT \
+        [--mask-token append] [--args-yaml ARGS.yaml] [--tp 8 --pp 4]
+
+--load: the run's --save directory (latest_checkpointed_iteration.txt names the iteration) or
+one iter_NNNNNNN directory. The architecture comes from the arguments stored in the checkpoint;
+--args-yaml gives them where the checkpoint has none, or overrides single fields (same names as
+Megatron-LM's arguments: num_layers, hidden_size, ffn_hidden_size, num_attention_heads,
+group_query_attention, num_query_groups, kv_channels, max_position_embeddings, rotary_base,
+norm_epsilon, swiglu, normalization, position_embedding_type, add_bias_linear, add_qkv_bias,
+qk_layernorm, untie_embeddings_and_output_weights, use_rope_scaling, rope_scaling_factor, ...).
+--tokenizer: the Hugging Face tokenizer the run used (its token count is the real vocabulary).
+Models this project cannot represent (learned absolute positions, LayerNorm, non-gated or
+non-SiLU MLPs, linear biases, experts) are refused. --tp/--pp default to the source run's layout.
+--mask-token, --force, --allow-nonfinite and the exit status are as for convert_hf_to_megatron.py.
 """
 
 
@@ -97,6 +118,32 @@ def megatron_to_hf_parser() -> argparse.ArgumentParser:
     return p
 
 
+def megatron_lm_parser() -> argparse.ArgumentParser:
+    p = _parser(MEGATRON_LM, "convert_megatron_lm.py")
+    p.add_argument("--load", required=True, help="Megatron-LM --save directory, or one iter_* directory")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory of the run")
+    p.add_argument("--out-dir", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--args-yaml", default=None, help="YAML of Megatron-LM arguments (see above)")
+    p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size (default: the source's)")
+    p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size (default: the source's)")
+    p.add_argument("--mask-token", default="append",
+                   help="append | none | an unused token id | a token string (default append)")
+    p.add_argument("--mask-token-string", default="<|mask|>",
+                   help="string of the appended mask token (default <|mask|>)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="ModelConfig.max_seq_len (default: max_position_embeddings)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="vocabulary padding multiple per TP rank (default 128)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier conversion in --out-dir (a directory with nbdiff.json)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert NaN/Inf weights with a warning instead of refusing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
 def _positive(name: str, value: Optional[int]) -> None:
     if value is not None and value < 1:
         raise ConversionError(f"{name} must be a positive integer, found {value}")
@@ -140,7 +187,29 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-# console scripts (``nbdiff-convert-hf-to-megatron``, ``nbdiff-convert-megatron-to-hf``): the mains
+def megatron_lm_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``tools/convert_megatron_lm.py``: convert, print the one-line summary, return 0."""
+    args = megatron_lm_parser().parse_args(argv)
+    for name in ("tp", "pp", "max_seq_len", "make_vocab_size_divisible_by"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    from .. import compat
+    from .megatron_lm import convert_megatron_lm
+
+    compat.install_safe_loading()
+    result = convert_megatron_lm(
+        args.load, args.tokenizer, args.out_dir, tp=args.tp, pp=args.pp, mask_token=args.mask_token,
+        mask_token_string=args.mask_token_string, args_yaml=args.args_yaml, dtype=args.dtype,
+        force=args.force, max_seq_len=args.max_seq_len,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite,
+    )
+    print(result.summary)
+    return 0
+
+
+# console scripts (``nbdiff-convert-hf-to-megatron``, ``nbdiff-convert-megatron-to-hf``,
+# ``nbdiff-convert-megatron-lm``): the mains
 # under run_main's exit-code contract
 hf_to_megatron_console = entry(hf_to_megatron_main)
 megatron_to_hf_console = entry(megatron_to_hf_main)
+megatron_lm_console = entry(megatron_lm_main)

@@ -133,14 +133,16 @@ class _SliceLoadPlanner:
         pass
 
 
-def read_slices(path: str, requests: dict) -> None:
-    """Fill ``requests[key] = (dest, offsets)`` from the torch_dist checkpoint in ``path``."""
+def read_slices(path: str, requests: dict, reader=None) -> None:
+    """Fill ``requests[key] = (dest, offsets)`` from the torch_dist checkpoint in ``path``
+    (through ``reader``, a ``FileSystemReader`` of it, when given)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
     planner = _SliceLoadPlanner(requests)
     state = {key: dest for key, (dest, _) in requests.items()}
-    dcp.state_dict_loader._load_state_dict(state, FileSystemReader(path), no_dist=True, planner=planner)
+    dcp.state_dict_loader._load_state_dict(state, reader or FileSystemReader(path), no_dist=True,
+                                           planner=planner)
 
 
 def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str) -> dict[str, torch.Tensor]:
