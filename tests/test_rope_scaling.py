@@ -39,9 +39,9 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 LINEAR = {"rope_type": "linear", "factor": 3.0}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-# name -> (family, rope scaling)
-VARIANTS = {"llama_llama3": ("llama", LLAMA3), "llama_linear": ("llama", LINEAR),
-            "qwen2_yarn": ("qwen2", YARN)}
+# name -> (family, rope scaling, tied embeddings): Llama 3.2 1B/3B tie theirs
+VARIANTS = {"llama_llama3": ("llama", LLAMA3, True), "llama_linear": ("llama", LINEAR, False),
+            "qwen2_yarn": ("qwen2", YARN, True)}
 
 
 def _ids(seed=0, b=2):
@@ -61,9 +61,9 @@ def hf(tmp_path_factory):
     """variant -> (hf dir, HF model)."""
     work = tmp_path_factory.mktemp("rope_hf")
     out = {}
-    for i, (name, (family, rope)) in enumerate(VARIANTS.items()):
+    for i, (name, (family, rope, tie)) in enumerate(VARIANTS.items()):
         d = str(work / name)
-        out[name] = (d, make_hf_checkpoint(d, family, vocab=VOCAB, seed=10 + i, rope=rope))
+        out[name] = (d, make_hf_checkpoint(d, family, vocab=VOCAB, seed=10 + i, rope=rope, tie=tie))
     return out
 
 
@@ -112,7 +112,7 @@ def test_inverse_frequencies_equal_transformers(cls, rope):
 
 def test_exported_config_without_a_stored_one_gives_the_same_frequencies():
     """A fresh config.json written from a ModelConfig (no stored original) carries the scaling."""
-    for family, rope in VARIANTS.values():
+    for family, rope, _ in VARIANTS.values():
         mc = ModelConfig(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_attention_heads=4,
                          num_query_groups=2, max_seq_len=64, rope_base=5000.0, rope_scaling=rope)
         fam = get_family(family)
@@ -127,8 +127,9 @@ def test_exported_config_without_a_stored_one_gives_the_same_frequencies():
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_megatron_logits_equal_hf(name, hf, converted):
-    family, rope = VARIANTS[name]
+    family, rope, tie = VARIANTS[name]
     meta = read_metadata(converted[name])
+    assert meta.get_model_config().tie_embeddings == tie
     assert meta.model_config["rope_scaling"] == rope
     assert meta.get_model_config().rope_scaling == rope
     model = load_model(converted[name]).eval()
@@ -145,9 +146,10 @@ def test_megatron_logits_equal_hf(name, hf, converted):
 
 
 def test_two_process_tp2_pp2(hf, converted, tmp_path):
-    """llama3 and yarn checkpoints give the HF logits at TP=2 and at PP=2 (two gloo processes)."""
+    """llama3 (tied), linear and yarn checkpoints give the HF logits at TP=2 and at PP=2 (two gloo
+    processes; with tied embeddings at PP=2 the last stage holds its own copy of the embedding)."""
     ids = _ids(seed=1)
-    names = ["llama_llama3", "qwen2_yarn"]
+    names = list(VARIANTS)
     results = run_layouts(str(tmp_path), [{"name": n, "ckpt": converted[n], "ids": ids} for n in names])
     last = next(r for r in results if r[names[0]]["stage"] == 1)
     for n in names:
@@ -259,6 +261,36 @@ def test_metadata_without_the_field_still_loads(converted, tmp_path):
     d.mkdir()
     (d / "nbdiff.json").write_text(json.dumps(data))
     assert read_metadata(str(d)).get_model_config().rope_scaling is None
+
+
+def test_tied_llama3_with_a_mask_token_decodes_like_its_export(hf, tmp_path):
+    """Llama 3 scaling with tied embeddings and an appended mask token: the tied row stays one row
+    (no output layer is stored, in or out), and transformers' greedy decoding of the export (its
+    original class) equals the project's block-size-1 decoding of the converted checkpoint, far
+    past original_max_position_embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_nbdiff.checkpoint.torch_dist import read_index
+    from megatron_nbdiff.inference import generate, load_runner
+
+    meg, exp = str(tmp_path / "meg"), str(tmp_path / "exp")
+    convert_hf_to_megatron(hf["llama_llama3"][0], meg, tp=2, pp=2, mask_token="append", progress=False)
+    stored = read_index(os.path.join(meg, "model")).state_dict_metadata
+    assert "output_layer.weight" not in stored
+    assert stored["embedding.word_embeddings.weight"].size[0] >= VOCAB + 1
+    convert_megatron_to_hf(meg, exp, progress=False)
+    tensors = _tensors(exp)
+    assert "lm_head.weight" not in tensors and tensors["model.embed_tokens.weight"].shape[0] == VOCAB + 1
+    model = AutoModelForCausalLM.from_pretrained(exp, attn_implementation="sdpa").eval()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
+    ours = load_runner(meg)
+    g = torch.Generator().manual_seed(4)
+    for n in (12, 20):
+        p = torch.randint(2, VOCAB, (n,), generator=g).tolist()
+        ref = model.generate(torch.tensor([p]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, n:].tolist()
+        out = generate(ours, [p], block_size=1, max_new_tokens=30, stop_at_eos=False)[0]
+        assert out["token_ids"] == ref
 
 
 def test_decoding_runners_agree_past_the_original_context(hf, tmp_path):

@@ -256,22 +256,6 @@ def _source_keys(stored: dict, maps, tie: bool, path: str) -> dict[str, str]:
     return out
 
 
-def cached_reader(path: str):
-    """A torch ``FileSystemReader`` of ``path`` that reads the checkpoint's index once for all
-    the slices read through it."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class _Reader(FileSystemReader):
-        _index = None
-
-        def read_metadata(self, *args, **kwargs):
-            if self._index is None:
-                self._index = super().read_metadata(*args, **kwargs)
-            return self._index
-
-    return _Reader(path)
-
-
 def convert_megatron_lm(
     load: str,
     tokenizer_dir: str,
@@ -291,7 +275,7 @@ def convert_megatron_lm(
 ) -> ConversionResult:
     """Convert the Megatron-LM checkpoint ``load`` (module docstring) into ``out_dir``. Raises
     ConversionError for bad input; nothing is left in ``out_dir`` on failure."""
-    from .megatron_to_hf import read_slices
+    from .megatron_to_hf import cached_reader, read_slices
 
     start = time.time()
     path, iteration = locate(load)

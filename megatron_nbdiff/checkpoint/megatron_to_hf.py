@@ -133,6 +133,22 @@ class _SliceLoadPlanner:
         pass
 
 
+def cached_reader(path: str):
+    """A torch ``FileSystemReader`` of ``path`` that reads the checkpoint's index once for all
+    the slices read through it (instead of once per :func:`read_slices`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class _Reader(FileSystemReader):
+        _index = None
+
+        def read_metadata(self, *args, **kwargs):
+            if self._index is None:
+                self._index = super().read_metadata(*args, **kwargs)
+            return self._index
+
+    return _Reader(path)
+
+
 def read_slices(path: str, requests: dict, reader=None) -> None:
     """Fill ``requests[key] = (dest, offsets)`` from the torch_dist checkpoint in ``path``
     (through ``reader``, a ``FileSystemReader`` of it, when given)."""
@@ -145,7 +161,7 @@ def read_slices(path: str, requests: dict, reader=None) -> None:
                                            planner=planner)
 
 
-def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str) -> dict[str, torch.Tensor]:
+def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reader) -> dict[str, torch.Tensor]:
     """Global (TP=1) tensors of one unit, keyed by megatron state-dict name."""
     requests, out = {}, {}
     for pm in unit_maps:
@@ -175,7 +191,7 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str) -> di
         requests[key] = (view, offsets)
         out[pm.megatron_name(layer)] = dest
     try:
-        read_slices(path, requests)
+        read_slices(path, requests, reader)
     except checkpoint_failures() as e:
         raise ConversionError(f"cannot read weights from {path}: {describe_failure(e)}") from None
     return out
@@ -249,13 +265,14 @@ def convert_megatron_to_hf(
     stored = _stored_tensors(path)
     check_free_space(out_dir, total_bytes)
     finite = FiniteCheck(allow_nonfinite)
+    reader = cached_reader(path)
     with AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
         writers: dict[int, ShardWriter] = {}
         remaining = [len(s) for s in shards]
         bar = tqdm(plan, desc="exporting", unit="unit", disable=not progress)
         try:
             for layer, unit_maps in bar:
-                loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix)
+                loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader)
                 for pm in unit_maps:
                     t = loaded.pop(pm.megatron_name(layer))
                     for name, hf_t in _to_hf(pm, layer, t, mc, tdtype, finite):
