@@ -39,9 +39,10 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 16}
 LINEAR = {"rope_type": "linear", "factor": 3.0}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-# name -> (family, rope scaling, tied embeddings): Llama 3.2 1B/3B tie theirs
+# name -> (family, rope scaling, tied embeddings): Llama 3.2 1B/3B tie theirs, Qwen2.5 7B-72B
+# (the YaRN long-context configs) do not
 VARIANTS = {"llama_llama3": ("llama", LLAMA3, True), "llama_linear": ("llama", LINEAR, False),
-            "qwen2_yarn": ("qwen2", YARN, True)}
+            "qwen2_yarn": ("qwen2", YARN, False)}
 
 
 def _ids(seed=0, b=2):
