@@ -49,9 +49,16 @@ def _logits(model, ids):
         return model(ids, layout="causal").clean
 
 
-@pytest.mark.parametrize("variant", ["te", "local"])
-def test_converted_logits_equal_the_source(variant, source, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ["te", "local", "local-in-pieces"])
+def test_converted_logits_equal_the_source(variant, source, tmp_path, capsys, monkeypatch):
+    """``local-in-pieces`` writes every tensor in pieces of 3 rows (across q/k/v groups, gate/up,
+    the mask row and the padding)."""
     root, logits = source
+    if variant.endswith("-in-pieces"):
+        from megatron_nbdiff.checkpoint import streaming_save
+
+        monkeypatch.setattr(streaming_save, "CHUNK_BYTES", 3 * 64 * 4)
+        variant = variant[: -len("-in-pieces")]
     out = tmp_path / "mg"
     assert _convert(root, variant, out) == 0
     assert "converted Megatron-LM" in capsys.readouterr().out

@@ -18,7 +18,7 @@ import dataclasses
 import datetime
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -109,9 +109,22 @@ def _check_tensors(ckpt: SafetensorsCheckpoint, info: HFModelInfo, maps: list[Pa
     return n
 
 
-def _mean_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Mean of the first ``rows`` rows, accumulated in float64 (no float64 copy of the rows)."""
-    return (t[:rows].sum(0, dtype=torch.float64) / rows).to(t.dtype)
+def mean_of_rows(read_rows: Callable[[torch.Tensor, int, int], None], rows: int, cols: int,
+                 dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
+    """Mean of rows ``[0, rows)`` of a tensor as stored in ``dtype``, read ``chunk`` rows at a
+    time by ``read_rows(dest, start, stop)`` and accumulated in float64 (the mask token's row)."""
+    acc = torch.zeros(cols, dtype=torch.float64)
+    buf = torch.empty(min(chunk, rows), cols, dtype=dtype)
+    for lo in range(0, rows, chunk):
+        part = buf[: min(rows, lo + chunk) - lo]
+        read_rows(part, lo, lo + part.shape[0])
+        acc += part.sum(0, dtype=torch.float64)
+    return (acc / rows).to(dtype)
+
+
+def _intersect(lo: int, hi: int, start: int, stop: int) -> Optional[tuple[int, int]]:
+    a, b = max(lo, start), min(hi, stop)
+    return (a, b) if a < b else None
 
 
 def _read_checked(ckpt: SafetensorsCheckpoint, name: str, dest: torch.Tensor, finite: FiniteCheck,
@@ -128,23 +141,35 @@ def _read_checked(ckpt: SafetensorsCheckpoint, name: str, dest: torch.Tensor, fi
         finite.check(dest, name)
 
 
-def _fill(pm: ParamMap, layer, dest: torch.Tensor, ckpt: SafetensorsCheckpoint, mc, hf_rows: int,
-          mask: Optional[MaskPlan], finite: FiniteCheck) -> None:
+def _fill(pm: ParamMap, layer, dest: torch.Tensor, row0: int, ckpt: SafetensorsCheckpoint, mc,
+          hf_rows: int, mask: Optional[MaskPlan], mask_rows: dict, finite: FiniteCheck) -> None:
+    """Rows ``row0 .. row0 + len(dest)`` of the megatron tensor of ``pm`` at ``layer``, from the HF
+    tensors (module docstring); ``mask_rows``: the mask token's row per vocabulary tensor."""
     names = pm.hf_names(layer)
+    lo, hi = row0, row0 + dest.shape[0]
     if pm.kind == "copy":
-        _read_checked(ckpt, names[0], dest, finite)
+        _read_checked(ckpt, names[0], dest, finite, lo, hi)
     elif pm.kind == "qkv":
         for source, src_row, dst_row, rows in qkv_blocks(mc):
-            _read_checked(ckpt, names[source], dest[dst_row: dst_row + rows], finite, src_row, src_row + rows)
+            part = _intersect(lo, hi, dst_row, dst_row + rows)
+            if part is not None:
+                a, b = part
+                _read_checked(ckpt, names[source], dest[a - lo: b - lo], finite,
+                              src_row + a - dst_row, src_row + b - dst_row)
     elif pm.kind == "fc1":
         f = mc.ffn_hidden_size
-        _read_checked(ckpt, names[0], dest[:f], finite)
-        _read_checked(ckpt, names[1], dest[f:], finite)
+        for source, start in ((0, 0), (1, f)):  # [gate ; up]
+            part = _intersect(lo, hi, start, start + f)
+            if part is not None:
+                a, b = part
+                _read_checked(ckpt, names[source], dest[a - lo: b - lo], finite, a - start, b - start)
     elif pm.kind == "vocab":
-        _read_checked(ckpt, names[0], dest[:hf_rows], finite)
-        dest[hf_rows:].zero_()
-        if mask is not None and mask.init_rows is not None:
-            dest[mask.id] = _mean_rows(dest, mask.init_rows)
+        part = _intersect(lo, hi, 0, hf_rows)
+        if part is not None:
+            _read_checked(ckpt, names[0], dest[: part[1] - lo], finite, lo, part[1])
+        dest[max(0, hf_rows - lo):].zero_()
+        if names[0] in mask_rows and lo <= mask.id < hi:
+            dest[mask.id - lo] = mask_rows[names[0]]
     else:  # pragma: no cover - the table has no other kinds
         raise AssertionError(pm.kind)
 
@@ -193,10 +218,19 @@ def convert_hf_to_megatron(
             n_params += mc.hidden_size * (1 if mc.tie_embeddings else 2)
         check_free_space(out_dir, n_params * torch.empty((), dtype=_TORCH_DTYPE[dtype]).element_size())
         finite = FiniteCheck(allow_nonfinite)
+        mask_rows = {}  # the mean of the existing rows, per vocabulary tensor (read ahead: one pass)
+        if mask is not None and mask.init_rows is not None:
+            for pm in maps:
+                if pm.kind == "vocab":
+                    name = pm.hf_names()[0]
+                    mask_rows[name] = mean_of_rows(
+                        lambda d, a, b, name=name: ckpt.read_rows_into(name, d, a, b),
+                        mask.init_rows, mc.hidden_size, _TORCH_DTYPE[dtype])
         with AtomicOutputDir(out_dir, force, (hf_dir,)) as tmp:
             phases = save_model(
                 mc, maps, tp, _TORCH_DTYPE[dtype], os.path.join(tmp, WEIGHTS_DIR),
-                lambda pm, layer, dest: _fill(pm, layer, dest, ckpt, mc, hf_rows, mask, finite),
+                lambda pm, layer, dest, row0: _fill(pm, layer, dest, row0, ckpt, mc, hf_rows, mask,
+                                                    mask_rows, finite),
                 progress)
             notes.extend(finite.warn())
             files = write_tokenizer(hf_dir, tmp, tokenizer, mask)
@@ -230,7 +264,7 @@ def convert_hf_to_megatron(
     summary = (
         f"converted {hf_dir} -> {out_dir}: {n_params:,} parameters, {dtype}, {info.family.architecture}, "
         f"target layout TP={tp} PP={pp} (torch_dist, reshardable), vocab {vocab} padded to "
-        f"{mc.padded_vocab_size(tp)}{mask_txt}, {seconds:.1f} s (read {phases['read']:.1f} s, "
-        f"write {phases['write']:.1f} s)"
+        f"{mc.padded_vocab_size(tp)}{mask_txt}, {seconds:.1f} s (streaming "
+        f"{phases['read'] + phases['write']:.1f} s: read {phases['read']:.1f} s, write {phases['write']:.1f} s)"
     )
     return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, meta, summary)

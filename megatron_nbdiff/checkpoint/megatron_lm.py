@@ -46,7 +46,7 @@ from .errors import ConversionError
 from .families import get_family
 from .finite import FiniteCheck, all_finite
 from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
-from .hf_to_megatron import ConversionResult, _mean_rows, check_layout
+from .hf_to_megatron import ConversionResult, check_layout, mean_of_rows
 from .mapping import megatron_shape, param_maps
 from .metadata import WEIGHTS_DIR, CheckpointMetadata, write_metadata
 from .streaming_save import save_model
@@ -323,27 +323,41 @@ def convert_megatron_lm(
     finite = FiniteCheck(allow_nonfinite)
     reader = cached_reader(path)
 
-    def read(key: str, dest: torch.Tensor, layer: Optional[int]) -> None:
-        target = dest if layer is None else dest.unsqueeze(0)
-        read_slices(path, {key: (target, (0,) * target.dim() if layer is None else (layer,) + (0,) * dest.dim())},
-                    reader)
-
-    def fill(pm, layer, dest: torch.Tensor) -> None:
-        key = keys[pm.sharded_key]
-        part = dest[:rows] if pm.kind == "vocab" else dest
-        read(key, part, layer if pm.per_layer else None)
-        name = key + (f" (layer {layer})" if pm.per_layer else "")
-        source = stored[key].properties.dtype
-        if source != dest.dtype and not all_finite(part):  # the source's, or made by the cast?
-            raw = torch.empty(part.shape, dtype=source)
-            read(key, raw, layer if pm.per_layer else None)
-            finite.check_cast(raw, part, name)
+    def read(key: str, dest: torch.Tensor, layer: Optional[int], row0: int = 0) -> None:
+        """Rows ``row0 ..`` of the stored tensor ``key`` (at ``layer``) into ``dest``."""
+        offsets = (row0,) + (0,) * (dest.dim() - 1)
+        if layer is None:
+            read_slices(path, {key: (dest, offsets)}, reader)
         else:
-            finite.check(part, name)
+            read_slices(path, {key: (dest.unsqueeze(0), (layer,) + offsets)}, reader)
+
+    mask_rows = {}  # the mean of the tokenizer's rows, per vocabulary tensor (read ahead: one pass)
+    if mask is not None and mask.init_rows is not None:
+        for pm in maps:
+            if pm.kind == "vocab":
+                key = keys[pm.sharded_key]
+                mask_rows[key] = mean_of_rows(lambda d, a, b, key=key: read(key, d, None, a),
+                                              mask.init_rows, mc.hidden_size, TORCH_DTYPES[dtype])
+
+    def fill(pm, layer, dest: torch.Tensor, row0: int) -> None:
+        key = keys[pm.sharded_key]
+        lo, hi = row0, row0 + dest.shape[0]
+        at = layer if pm.per_layer else None
+        part = dest[: max(0, min(hi, rows) - lo)] if pm.kind == "vocab" else dest
+        if part.numel():
+            read(key, part, at, lo)
+            name = key + (f" (layer {layer})" if pm.per_layer else "")
+            source = stored[key].properties.dtype
+            if source != dest.dtype and not all_finite(part):  # the source's, or made by the cast?
+                raw = torch.empty(part.shape, dtype=source)
+                read(key, raw, at, lo)
+                finite.check_cast(raw, part, name)
+            else:
+                finite.check(part, name)
         if pm.kind == "vocab":
-            dest[rows:].zero_()
-            if mask is not None and mask.init_rows is not None:
-                dest[mask.id] = _mean_rows(dest, mask.init_rows)
+            dest[part.shape[0]:].zero_()
+            if key in mask_rows and lo <= mask.id < hi:
+                dest[mask.id - lo] = mask_rows[key]
 
     from ._runtime import quiet_megatron_logs
 
@@ -384,6 +398,7 @@ def convert_megatron_lm(
         f"converted Megatron-LM {path} (iteration {iteration}) -> {out_dir}: {n_params:,} parameters, "
         f"{dtype}, {family.architecture}, target layout TP={tp} PP={pp} (torch_dist, reshardable), "
         f"vocab {vocab} padded to {mc.padded_vocab_size(tp)}{mask_txt}, {seconds:.1f} s "
-        f"(read {phases['read']:.1f} s, write {phases['write']:.1f} s)"
+        f"(streaming {phases['read'] + phases['write']:.1f} s: read {phases['read']:.1f} s, "
+        f"write {phases['write']:.1f} s)"
     )
     return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, meta, summary)

@@ -17,6 +17,7 @@ after the cast to the export dtype (:mod:`.finite`): refused unless ``allow_nonf
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -269,21 +270,35 @@ def convert_megatron_to_hf(
     with AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
         writers: dict[int, ShardWriter] = {}
         remaining = [len(s) for s in shards]
+
+        def write_unit(parts: list[tuple[str, torch.Tensor]]) -> None:
+            for name, hf_t in parts:
+                i = where[name]
+                if i not in writers:
+                    writers[i] = ShardWriter(os.path.join(tmp, names[i]), shards[i])
+                writers[i].write(name, hf_t)
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    writers.pop(i).close()
+
+        # one writer thread: unit i is written while unit i + 1 is read and converted (file I/O
+        # and torch release the GIL); at most two units are in memory
         bar = tqdm(plan, desc="exporting", unit="unit", disable=not progress)
+        pending = None
+        t_stream = time.time()
         try:
-            for layer, unit_maps in bar:
-                loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader)
-                for pm in unit_maps:
-                    t = loaded.pop(pm.megatron_name(layer))
-                    for name, hf_t in _to_hf(pm, layer, t, mc, tdtype, finite):
-                        i = where[name]
-                        if i not in writers:
-                            writers[i] = ShardWriter(os.path.join(tmp, names[i]), shards[i])
-                        writers[i].write(name, hf_t)
-                        remaining[i] -= 1
-                        if remaining[i] == 0:
-                            writers.pop(i).close()
-                    del t
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                for layer, unit_maps in bar:
+                    loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader)
+                    parts = []
+                    for pm in unit_maps:
+                        parts += _to_hf(pm, layer, loaded.pop(pm.megatron_name(layer)), mc, tdtype, finite)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(write_unit, parts)
+                    del parts, loaded
+                pending.result()
+            t_stream = time.time() - t_stream
         finally:
             for w in writers.values():  # only after a failure: the output is discarded
                 try:
@@ -323,6 +338,6 @@ def convert_megatron_to_hf(
         f"exported {megatron_dir} -> {out_dir}: {n_params:,} parameters, {dtype}, "
         f"{family.architecture}, {n} safetensors shard(s), vocab {mc.vocab_size}, "
         f"from layout TP={meta.parallel.get('target_tp')} PP={meta.parallel.get('target_pp')}, "
-        f"{seconds:.1f} s"
+        f"{seconds:.1f} s (streaming {t_stream:.1f} s)"
     )
     return ConversionResult(os.path.abspath(out_dir), n_params, dtype, seconds, out_meta, summary)

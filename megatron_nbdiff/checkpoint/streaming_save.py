@@ -14,8 +14,10 @@ keys, global shapes and chunks in torch's ``.metadata`` index, megatron's ``meta
 (``torch_dist`` backend) and an empty ``common.pt``; :func:`entries_of` derives the entries from
 a model's ``sharded_state_dict()``, so the keys are megatron's by construction. The result loads
 with ``dist_checkpointing.load`` at any TP/PP like a checkpoint megatron saved itself.
-:func:`save_model` does this for the project's model: both converters into this project's format
-(from HF safetensors and from Megatron-LM) write through it.
+:func:`save_model` does this for the project's model, in pieces of whole rows of at most
+:data:`CHUNK_BYTES` (a 70B model's embedding is 2 GB, one layer's MLP input weight 0.9 GB): both
+converters into this project's format (from HF safetensors and from Megatron-LM) write through
+it, so their memory does not grow with the model.
 
 Failures come out as they went in: whatever a ``produce`` raised (a refusal such as a NaN
 weight, a read error of the source) is re-raised as itself, not as torch's wrapper; a failed
@@ -23,6 +25,7 @@ write becomes an ``OSError`` (a full disk names the file).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -83,7 +86,15 @@ def entries_of(sharded_state_dict: dict) -> tuple[dict[str, StoredTensor], list[
 
 
 class _StreamingPlanner:
-    """A torch ``SavePlanner`` over :class:`StoredTensor` / :class:`StoredObject` entries."""
+    """A torch ``SavePlanner`` over :class:`StoredTensor` / :class:`StoredObject` entries.
+
+    torch's writer (one thread) asks for the tensors in plan order and writes each before asking
+    for the next; the planner produces the next one in a helper thread meanwhile (reading the
+    source and writing the output overlap; file I/O and torch release the GIL), so two tensors are
+    in memory at most. What a ``produce`` raises reaches the writer's thread (and :func:`save`) as
+    itself. torch's own multi-threaded writer is not used: an exception in one of its extra
+    threads is printed and dropped, and the save then "succeeds" without that thread's items.
+    """
 
     def __init__(self, tensors: list[StoredTensor], objects: list[StoredObject]):
         self.failed: Optional[BaseException] = None
@@ -97,6 +108,7 @@ class _StreamingPlanner:
         )
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+        self.order: list[tuple] = []
         for t in tensors:
             index = MetadataIndex(t.key, torch.Size(t.offsets))
             whole = tuple(t.shape) == tuple(t.global_shape)
@@ -107,9 +119,13 @@ class _StreamingPlanner:
                     properties=TensorProperties(dtype=t.dtype), size=torch.Size(t.global_shape)),
             ))
             self.by_index[(t.key, tuple(t.offsets))] = t
+            self.order.append((t.key, tuple(t.offsets)))
         for o in objects:
             self.items.append(WriteItem(index=MetadataIndex(o.key), type=WriteItemType.BYTE_IO))
             self.by_index[(o.key, None)] = o
+        self.position = {key: i for i, key in enumerate(self.order)}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdiff-produce")
+        self.ahead: dict[tuple, concurrent.futures.Future] = {}
 
     # -- the SavePlanner protocol --------------------------------------------------------------
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False):
@@ -128,22 +144,38 @@ class _StreamingPlanner:
     def finish_plan(self, new_plan):
         return new_plan
 
-    def resolve_data(self, write_item):
-        offsets = write_item.index.offset
-        entry = self.by_index[(write_item.index.fqn, None if offsets is None else tuple(offsets))]
-        if isinstance(entry, StoredObject):
-            return io.BytesIO(entry.data)
-        try:
-            value = entry.produce()
-        except BaseException as exc:  # torch wraps it; save() re-raises it as itself
-            self.failed = exc
-            raise
+    def _produce(self, key: tuple) -> torch.Tensor:
+        entry = self.by_index[key]
+        value = entry.produce()
         if tuple(value.shape) != tuple(entry.shape) or value.dtype != entry.dtype:
             raise RuntimeError(  # a converter bug, not bad input
                 f"{entry.key}: produced {tuple(value.shape)} {value.dtype}, planned "
                 f"{tuple(entry.shape)} {entry.dtype}"
             )
         return value.contiguous()
+
+    def resolve_data(self, write_item):
+        offsets = write_item.index.offset
+        key = (write_item.index.fqn, None if offsets is None else tuple(offsets))
+        entry = self.by_index[key]
+        if isinstance(entry, StoredObject):
+            return io.BytesIO(entry.data)
+        try:
+            current = self.ahead.pop(key, None)
+            i = self.position[key] + 1
+            if i < len(self.order) and self.order[i] not in self.ahead:
+                self.ahead[self.order[i]] = self.pool.submit(self._produce, self.order[i])
+            return current.result() if current is not None else self._produce(key)
+        except BaseException as exc:  # torch wraps it; save() re-raises it as itself
+            self.failed = exc
+            raise
+
+    def close(self) -> None:
+        """Stop producing (after a failure the next tensor may still be under way)."""
+        for future in self.ahead.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+        self.ahead.clear()
 
 
 @contextlib.contextmanager
@@ -162,7 +194,8 @@ def _no_zip_crc32():
 
 def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) -> None:
     """Write the entries as a megatron-core ``torch_dist`` checkpoint into the new directory
-    ``path`` (module docstring). One writer thread, files synced, no zip CRC-32
+    ``path`` (module docstring). One writer thread and one producing ahead of it
+    (:class:`_StreamingPlanner`), files synced, no zip CRC-32
     (:func:`_no_zip_crc32`); no process group needed."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from torch.distributed.checkpoint import FileSystemWriter
@@ -184,6 +217,8 @@ def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) ->
             raise planner.failed from None
         raise_write_failure(exc, path)
         raise
+    finally:
+        planner.close()
     torch.save({}, os.path.join(path, "common.pt"))
     save_config(CheckpointingConfig("torch_dist"), path)
 
@@ -205,14 +240,45 @@ def _plain_fc1(sharded_state_dict: dict, num_layers: int) -> dict:
     return out
 
 
+def row_chunks(entry: StoredTensor, row_axis: int, max_bytes: int) -> list[StoredTensor]:
+    """``entry`` split along ``row_axis`` into chunks of at most ``max_bytes`` (whole rows; a
+    tensor without a dimension after ``row_axis`` stays whole). megatron and torch read any
+    chunking back, at any TP."""
+    shape = tuple(entry.shape)
+    if len(shape) <= row_axis + 1:
+        return [entry]
+    rows = shape[row_axis]
+    row_bytes = torch.Size(shape[row_axis + 1:]).numel() * entry.dtype.itemsize
+    step = max(1, max_bytes // max(1, row_bytes))
+    if step >= rows:
+        return [entry]
+    out = []
+    for lo in range(0, rows, step):
+        n = min(step, rows - lo)
+        offsets = list(entry.offsets)
+        offsets[row_axis] += lo
+        out.append(StoredTensor(entry.key, entry.global_shape, tuple(offsets),
+                                shape[:row_axis] + (n,) + shape[row_axis + 1:], entry.dtype))
+    return out
+
+
+CHUNK_BYTES = 32 * 1024 * 1024
+"""The largest piece written as one item: with one piece produced ahead and torch.save's copy of
+the bytes it writes, conversion holds about 3 x this above the interpreter, whatever the model
+(a 70B model's embedding alone is 2 GB)."""
+
+
 def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
-               fill: Callable[[object, Optional[int], torch.Tensor], None], progress: bool = True) -> dict:
+               fill: Callable[[object, Optional[int], torch.Tensor, int], None], progress: bool = True,
+               chunk_bytes: Optional[int] = None) -> dict:
     """Write the weights of the project's model with config ``mc`` (vocabulary padded for
-    ``tp``) into ``path``, one tensor at a time. The model is built on the meta device only to
-    take megatron's sharded layout (keys, shapes, chunks); ``fill(param_map, layer, dest)``
-    writes the values of one parameter (a :class:`~.mapping.ParamMap` of ``maps``, at global
-    ``layer``) into ``dest`` when the writer reaches it. Returns the seconds spent filling
-    (``read``) and writing (``write``)."""
+    ``tp``) into ``path``, a piece at a time. The model is built on the meta device only to take
+    megatron's sharded layout (keys, shapes); each tensor is split into pieces of whole rows of at
+    most ``chunk_bytes`` (default :data:`CHUNK_BYTES`; :func:`row_chunks`), and
+    ``fill(param_map, layer, dest, row0)`` writes rows ``row0 .. row0 + len(dest)`` of one
+    parameter (a :class:`~.mapping.ParamMap` of ``maps``, at global ``layer``; rows along its
+    first dimension) into ``dest`` when the writer reaches that piece. Returns the seconds spent
+    filling (``read``) and the rest (``write``)."""
     import time
 
     from tqdm import tqdm
@@ -240,21 +306,26 @@ def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
     bar = tqdm(total=total, desc="converting", unit="B", unit_scale=True, disable=not progress)
     phases = {"read": 0.0, "write": 0.0}
 
-    def producer(pm, layer, entry: StoredTensor):
+    def producer(pm, layer, piece: StoredTensor, row0: int):
         def produce() -> torch.Tensor:
             t0 = time.time()
-            dest = torch.empty(entry.shape[1:] if pm.per_layer else entry.shape, dtype=entry.dtype)
-            fill(pm, layer, dest)
+            dest = torch.empty(piece.shape[1:] if pm.per_layer else piece.shape, dtype=piece.dtype)
+            fill(pm, layer, dest, row0)
             phases["read"] += time.time() - t0
             bar.update(dest.numel() * dest.element_size())
             return dest.unsqueeze(0) if pm.per_layer else dest
         return produce
 
+    pieces = []
     for name, entry in tensors.items():
-        entry.produce = producer(*source[name], entry)
+        pm, layer = source[name]
+        axis = 1 if pm.per_layer else 0  # per-layer tensors carry the leading layer axis
+        for piece in row_chunks(entry, axis, chunk_bytes or CHUNK_BYTES):
+            piece.produce = producer(pm, layer, piece, piece.offsets[axis] - entry.offsets[axis])
+            pieces.append(piece)
     t0 = time.time()
     try:
-        save(path, list(tensors.values()), objects)
+        save(path, pieces, objects)
     finally:
         bar.close()
     phases["write"] = time.time() - t0 - phases["read"]
