@@ -338,10 +338,10 @@ def _mg_full_disk_while_writing(c, t, monkeypatch):
 
     write = ShardWriter.write
 
-    def full_disk(self, name, tensor):
+    def full_disk(self, name, tensor, row0=0):
         if self.written:  # the first tensor fits, the second does not
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-        write(self, name, tensor)
+        return write(self, name, tensor, row0)
 
     monkeypatch.setattr(ShardWriter, "write", full_disk)
     return c["mg"]

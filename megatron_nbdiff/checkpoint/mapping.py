@@ -142,14 +142,6 @@ def qkv_blocks(mc: ModelConfig) -> Iterator[tuple[int, int, int, int]]:
         dst += d
 
 
-def split_qkv(t: torch.Tensor, mc: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of the interleave: ``linear_qkv`` rows -> (q, k, v), each contiguous."""
-    parts: list[list[torch.Tensor]] = [[], [], []]
-    for source, _, dst, rows in qkv_blocks(mc):
-        parts[source].append(t[dst: dst + rows])
-    return tuple(torch.cat(p).contiguous() for p in parts)  # type: ignore[return-value]
-
-
 def split_fc1(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     gate, up = t.chunk(2, dim=0)
     return gate.contiguous(), up.contiguous()

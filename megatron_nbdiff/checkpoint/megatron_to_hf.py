@@ -35,7 +35,7 @@ from .families import get_family, hf_config_for_export
 from .finite import FiniteCheck
 from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
 from .loader import weights_dir
-from .mapping import ParamMap, hf_shapes, megatron_shape, param_maps, split_fc1, split_qkv, units
+from .mapping import ParamMap, hf_shapes, megatron_shape, param_maps, qkv_blocks, split_fc1, units
 from .metadata import read_metadata, write_metadata
 from .safetensors_io import INDEX_NAME, ShardWriter
 from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
@@ -199,23 +199,26 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reade
 
 
 def _to_hf(pm: ParamMap, layer, t: torch.Tensor, mc, dtype,
-           finite: FiniteCheck) -> list[tuple[str, torch.Tensor]]:
-    """The HF tensors of one megatron tensor, cast to ``dtype``; each is checked for NaN/Inf in
-    the stored dtype and after the cast."""
+           finite: FiniteCheck) -> list[tuple[str, int, torch.Tensor]]:
+    """The HF tensors of one megatron tensor as ``(name, first row, rows)`` pieces, cast to
+    ``dtype``; each is checked for NaN/Inf in the stored dtype and after the cast. ``linear_qkv``
+    comes out as its per-group blocks of q, k and v rows, written where they belong in the q, k
+    and v tensors (no concatenated copy)."""
     names = pm.hf_names(layer)
     if pm.kind == "qkv":
-        parts = list(zip(names, split_qkv(t, mc)))
+        parts = [(names[source], src_row, t[dst_row: dst_row + rows])
+                 for source, src_row, dst_row, rows in qkv_blocks(mc)]
     elif pm.kind == "fc1":
-        parts = list(zip(names, split_fc1(t)))
+        parts = [(name, 0, part) for name, part in zip(names, split_fc1(t))]
     elif pm.kind == "vocab":
-        parts = [(names[0], t[: mc.vocab_size])]
+        parts = [(names[0], 0, t[: mc.vocab_size])]
     else:
-        parts = [(names[0], t)]
+        parts = [(names[0], 0, t)]
     out = []
-    for name, part in parts:
+    for name, row0, part in parts:
         cast = part.to(dtype).contiguous()
         finite.check_cast(part, cast, name)
-        out.append((name, cast))
+        out.append((name, row0, cast))
     return out
 
 
@@ -271,15 +274,15 @@ def convert_megatron_to_hf(
         writers: dict[int, ShardWriter] = {}
         remaining = [len(s) for s in shards]
 
-        def write_unit(parts: list[tuple[str, torch.Tensor]]) -> None:
-            for name, hf_t in parts:
+        def write_unit(parts: list[tuple[str, int, torch.Tensor]]) -> None:
+            for name, row0, hf_t in parts:
                 i = where[name]
                 if i not in writers:
                     writers[i] = ShardWriter(os.path.join(tmp, names[i]), shards[i])
-                writers[i].write(name, hf_t)
-                remaining[i] -= 1
-                if remaining[i] == 0:
-                    writers.pop(i).close()
+                if writers[i].write(name, hf_t, row0):
+                    remaining[i] -= 1
+                    if remaining[i] == 0:
+                        writers.pop(i).close()
 
         # one writer thread: unit i is written while unit i + 1 is read and converted (file I/O
         # and torch release the GIL); at most two units are in memory

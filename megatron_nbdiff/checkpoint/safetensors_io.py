@@ -262,8 +262,9 @@ class SafetensorsCheckpoint:
 class ShardWriter:
     """Writes one safetensors file whose tensors (names, dtypes, shapes) are known up front.
 
-    The header goes first; :meth:`write` then streams each tensor's bytes in any order (seeking to
-    its slot). :meth:`close` checks that every declared tensor was written.
+    The header goes first; :meth:`write` then streams each tensor's bytes, or pieces of its rows,
+    in any order (seeking to their place). :meth:`close` checks that every declared tensor was
+    written whole.
     """
 
     def __init__(self, path: str, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -289,7 +290,8 @@ class ShardWriter:
         with self._naming_path():
             self.f.write(struct.pack("<Q", len(raw)))
             self.f.write(raw)
-        self.written: set[str] = set()
+        self.written: dict[str, int] = {}
+        """Bytes written per tensor (pieces of rows may come in any order, never twice)."""
 
     @contextlib.contextmanager
     def _naming_path(self):
@@ -301,20 +303,28 @@ class ShardWriter:
                 raise
             raise OSError(e.errno, e.strerror, self.path) from None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, row0: int = 0) -> bool:
+        """Write ``tensor`` as rows ``row0 ..`` of tensor ``name`` (all of it by default); returns
+        whether every byte of ``name`` has now been written."""
         offset, nbytes, dtype, shape = self.slots[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        rows = tensor.shape[0] if tensor.dim() else 1
+        whole = row0 == 0 and tuple(tensor.shape) == shape
+        if tensor.dtype != dtype or not (whole or (len(shape) > 0 and tuple(tensor.shape[1:]) == shape[1:]
+                                                  and 0 <= row0 and row0 + rows <= shape[0])):
             raise ValueError(
-                f"{name}: expected {shape} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
+                f"{name}: expected {shape} {dtype} (or rows of it), got {tuple(tensor.shape)} {tensor.dtype} "
+                f"at row {row0}"
             )
         data = _tensor_bytes(tensor.contiguous())
+        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
         with self._naming_path():
-            self.f.seek(self.data_start + offset)
+            self.f.seek(self.data_start + offset + row0 * row_bytes)
             self.f.write(data)
-        self.written.add(name)
+        self.written[name] = self.written.get(name, 0) + len(data)
+        return self.written[name] >= nbytes
 
     def close(self) -> None:
-        missing = set(self.slots) - self.written
+        missing = {n for n, slot in self.slots.items() if self.written.get(n, 0) < slot[1]}
         with self._naming_path():
             self.f.truncate(self.nbytes)
             self.f.flush()
