@@ -275,7 +275,7 @@ def convert_megatron_lm(
 ) -> ConversionResult:
     """Convert the Megatron-LM checkpoint ``load`` (module docstring) into ``out_dir``. Raises
     ConversionError for bad input; nothing is left in ``out_dir`` on failure."""
-    from .megatron_to_hf import cached_reader, read_slices
+    from .torch_dist_reader import TensorFileReader
 
     start = time.time()
     path, iteration = locate(load)
@@ -321,15 +321,15 @@ def convert_megatron_lm(
                    for pm in maps)
     check_free_space(out_dir, n_params * TORCH_DTYPES[dtype].itemsize)
     finite = FiniteCheck(allow_nonfinite)
-    reader = cached_reader(path)
+    reader = TensorFileReader(path, md)
 
     def read(key: str, dest: torch.Tensor, layer: Optional[int], row0: int = 0) -> None:
         """Rows ``row0 ..`` of the stored tensor ``key`` (at ``layer``) into ``dest``."""
         offsets = (row0,) + (0,) * (dest.dim() - 1)
         if layer is None:
-            read_slices(path, {key: (dest, offsets)}, reader)
+            reader.read(key, dest, offsets)
         else:
-            read_slices(path, {key: (dest.unsqueeze(0), (layer,) + offsets)}, reader)
+            reader.read(key, dest.unsqueeze(0), (layer,) + offsets)
 
     mask_rows = {}  # the mean of the tokenizer's rows, per vocabulary tensor (read ahead: one pass)
     if mask is not None and mask.init_rows is not None:
@@ -362,7 +362,7 @@ def convert_megatron_lm(
     from ._runtime import quiet_megatron_logs
 
     quiet_megatron_logs()
-    with AtomicOutputDir(out_dir, force, (load,)) as tmp:
+    with reader, AtomicOutputDir(out_dir, force, (load,)) as tmp:
         phases = save_model(mc, maps, tp, TORCH_DTYPES[dtype], os.path.join(tmp, WEIGHTS_DIR), fill, progress)
         notes.extend(finite.warn())
         files = write_tokenizer(tokenizer_dir, tmp, tokenizer, mask)

@@ -40,6 +40,7 @@ from .metadata import read_metadata, write_metadata
 from .safetensors_io import INDEX_NAME, ShardWriter
 from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
 from .torch_dist import check_torch_dist
+from .torch_dist_reader import TensorFileReader
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
@@ -77,10 +78,10 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byte
     return shards
 
 
-def _stored_tensors(path: str) -> dict:
-    """Tensor entries of the checkpoint's index, after checking its shards."""
+def _stored_tensors(path: str):
+    """Tensor entries of the checkpoint's index, after checking its shards, and the index."""
     md = check_torch_dist(path, need_common=False)
-    return {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")}
+    return {k: v for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks") and hasattr(v, "size")}, md
 
 
 class _SliceLoadPlanner:
@@ -134,22 +135,6 @@ class _SliceLoadPlanner:
         pass
 
 
-def cached_reader(path: str):
-    """A torch ``FileSystemReader`` of ``path`` that reads the checkpoint's index once for all
-    the slices read through it (instead of once per :func:`read_slices`)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class _Reader(FileSystemReader):
-        _index = None
-
-        def read_metadata(self, *args, **kwargs):
-            if self._index is None:
-                self._index = super().read_metadata(*args, **kwargs)
-            return self._index
-
-    return _Reader(path)
-
-
 def read_slices(path: str, requests: dict, reader=None) -> None:
     """Fill ``requests[key] = (dest, offsets)`` from the torch_dist checkpoint in ``path``
     (through ``reader``, a ``FileSystemReader`` of it, when given)."""
@@ -192,7 +177,10 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reade
         requests[key] = (view, offsets)
         out[pm.megatron_name(layer)] = dest
     try:
-        read_slices(path, requests, reader)
+        for key, (view, offsets) in requests.items():
+            reader.read(key, view, offsets)
+    except ConversionError:
+        raise
     except checkpoint_failures() as e:
         raise ConversionError(f"cannot read weights from {path}: {describe_failure(e)}") from None
     return out
@@ -266,11 +254,11 @@ def convert_megatron_to_hf(
     total_bytes = sum(int(torch.Size(s[2]).numel()) * torch.empty((), dtype=tdtype).element_size() for s in specs)
     quiet_megatron_logs()
     prefix = meta.weights.get("key_prefix", "")
-    stored = _stored_tensors(path)
+    stored, index = _stored_tensors(path)
     check_free_space(out_dir, total_bytes)
     finite = FiniteCheck(allow_nonfinite)
-    reader = cached_reader(path)
-    with AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
+    reader = TensorFileReader(path, index)
+    with reader, AtomicOutputDir(out_dir, force, (megatron_dir,)) as tmp:
         writers: dict[int, ShardWriter] = {}
         remaining = [len(s) for s in shards]
 
