@@ -241,15 +241,17 @@ def test_non_utf8_corpus_names_the_line(tmp_path, tokenizer_dir, name, content):
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_ctrl_c_exits_130_with_one_line(tmp_path, tokenizer_dir):
-    """A real SIGINT while the tool waits for more of its corpus (a FIFO): exit 130, one line,
-    no traceback, no temporary or partial dataset left."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_exits_130_with_one_line(tmp_path, tokenizer_dir, workers):
+    """A real SIGINT (to the tool's whole process group, as a terminal sends it) while the tool
+    waits for more of its corpus (a FIFO): exit 130, one line, no traceback from the tool or its
+    workers, no temporary or partial dataset left."""
     fifo = str(tmp_path / "corpus.jsonl")
     os.mkfifo(fifo)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, TOOL, "--input", fifo, "--tokenizer", tokenizer_dir,
-                             "--output-prefix", str(out / "c"), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--output-prefix", str(out / "c"), "--quiet", "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     fd = None
     try:
         deadline = time.time() + 120
@@ -262,7 +264,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, tokenizer_dir):
         os.write(fd, (json.dumps({"text": DOCS[0]}) + "\n").encode())
         assert [n for n in os.listdir(out) if ".tmp-" in n]  # the tool is writing its temporaries
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if fd is not None:
