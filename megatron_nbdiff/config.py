@@ -217,6 +217,10 @@ class RecipeConfig:
     """Mask token id; None takes it from the init checkpoint's nbdiff.json."""
     pack_documents: bool = True
     """Restrict attention to document boundaries inside packed sequences."""
+    complementary: bool = False
+    """Dual-stream recipes: two noise draws per sample whose masked sets are complements within
+    each block's eligible positions, run as one ``[x_t ; x_t' ; x_0]`` forward
+    (docs/method.md, "Instruction tuning")."""
 
     def __post_init__(self):
         _check_literals(self, "recipe")
@@ -249,6 +253,10 @@ class DataConfig:
     default: the tokenizer of ``checkpoint.init_from``."""
     cache_dir: Optional[str] = None
     """Where megatron-core caches its sample indices; default ``<save_dir>/data_cache``."""
+    loss_mask: bool = False
+    """Read a per-token loss mask from each prefix's sibling dataset ``<prefix>.loss_mask``
+    (``tools/preprocess_data.py --format chat``): tokens with mask 0 are never noised nor counted
+    in a loss (docs/method.md, "Instruction tuning"). False: every token carries loss."""
 
 
 @dataclasses.dataclass

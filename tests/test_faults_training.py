@@ -291,6 +291,23 @@ def test_resume_refuses_a_changed_config_but_allows_the_documented_fields(corpus
     assert code == 0 and trainer.start_step == 2
 
 
+def test_a_field_added_after_the_checkpoint_counts_as_its_default():
+    """A checkpoint written before ``data.loss_mask`` / ``recipe.complementary`` existed resumes
+    when the new run keeps their defaults, and is refused when it turns one on."""
+    from megatron_nbdiff.config import ModelConfig, RunConfig
+    from megatron_nbdiff.training.validation import check_resume
+
+    model = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4)
+    cfg = RunConfig()
+    saved = cfg.to_dict()
+    del saved["data"]["loss_mask"], saved["recipe"]["complementary"]
+    record = {"config": saved, "model": model.to_dict()}
+    check_resume(record, cfg, model, "old checkpoint")
+    cfg.data.loss_mask = True
+    with pytest.raises(ConfigError, match=r"data.loss_mask: False -> True"):
+        check_resume(record, cfg, model, "old checkpoint")
+
+
 # -- silent successes ------------------------------------------------------------------------
 
 

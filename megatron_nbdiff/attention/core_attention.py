@@ -14,9 +14,10 @@ document ids ``[b, L]`` (an integer tensor, so activation recomputation can save
 backends derive their masks from :func:`masks.allowed`:
 
 ``dense``  SDPA with the boolean mask from the predicate: the CPU reference.
-``flex``   FlexAttention with cached BlockMasks; dual layouts run as two calls (noisy queries over
-           ``[noisy ; clean]`` keys through a sparse block mask, clean queries causal over clean
-           keys), so nothing ``O(L^2)`` is materialised. The GPU default.
+``flex``   FlexAttention with cached BlockMasks; dual and complementary layouts run as two calls
+           (noisy queries over ``[noisy ; clean]`` or ``[noisy ; noisy' ; clean]`` keys through a
+           sparse block mask, clean queries causal over clean keys), so nothing ``O(L^2)`` is
+           materialised. The GPU default.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.flex_attention import flex_attention
 
 from ..parallel import check_parallel_sizes
-from .flex import block_mask_for, clean_part_is_causal
-from .masks import DUAL_LAYOUTS, MaskSpec, dense_allowed_from_spec
+from .flex import block_mask_for, clean_part_is_causal, noisy_len
+from .masks import BLOCK_LAYOUTS, MaskSpec, dense_allowed_from_spec
 
 BACKENDS = ("dense", "flex")
 
@@ -109,11 +110,11 @@ def block_diffusion_attention(
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if spec.layout == "causal" and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    if spec.layout not in DUAL_LAYOUTS:
+    if spec.layout not in BLOCK_LAYOUTS:
         return _flex(q, k, v, block_mask_for(spec, "full", doc_ids, device=q.device), scale)
-    L = spec.seq_len
-    noisy = _flex(q[:, :, :L], k, v, block_mask_for(spec, "noisy", doc_ids, device=q.device), scale)
-    qc, kc, vc = q[:, :, L:], k[:, :, L:], v[:, :, L:]
+    n = noisy_len(spec)  # the noisy view(s): L (dual) or 2L (complementary)
+    noisy = _flex(q[:, :, :n], k, v, block_mask_for(spec, "noisy", doc_ids, device=q.device), scale)
+    qc, kc, vc = q[:, :, n:], k[:, :, n:], v[:, :, n:]
     if clean_part_is_causal(spec, doc_ids):
         clean = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
     else:

@@ -1,11 +1,12 @@
 """FlexAttention ``BlockMask`` builders derived from :func:`masks.allowed`.
 
-Dual layouts are split in two query groups, because clean queries never see noisy keys
-(docs/method.md, "Attention layouts"):
+Dual and complementary layouts are split in two query groups, because clean queries never see
+noisy keys (docs/method.md, "Attention layouts", "Instruction tuning"):
 
-* noisy queries (``L``) attend over all ``2L`` keys through a sparse block mask;
-* clean queries (``L``) attend over the ``L`` clean keys only: plain causal attention for
-  ``dual_context_causal`` without documents (so the fast causal kernel can serve it), otherwise a
+* noisy queries (``L``, or ``2L`` for the two views of a complementary layout) attend over all
+  ``2L`` (``3L``) keys through a sparse block mask;
+* clean queries (``L``) attend over the ``L`` clean keys only: plain causal attention for the
+  context-causal layouts without documents (so the fast causal kernel can serve it), otherwise a
   block mask of their own.
 
 Every ``mask_mod`` here is :func:`masks.allowed` with index offsets, never a second copy of the
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from .masks import ANNEAL_FULL, DUAL_LAYOUTS, MaskSpec, _check_doc_ids, allowed, anneal_salt, salted_anneal_hash
+from .masks import ANNEAL_FULL, BLOCK_LAYOUTS, MaskSpec, _check_doc_ids, allowed, anneal_salt, salted_anneal_hash
 
 PARTS = ("full", "noisy", "clean")
 
@@ -27,15 +28,15 @@ PARTS = ("full", "noisy", "clean")
 def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Tensor] = None, device=None):
     """FlexAttention ``mask_mod`` for one query group of ``spec``.
 
-    ``part``: ``"full"`` (all ``total_len`` queries and keys), ``"noisy"`` (dual only: the ``L``
-    noisy queries against all ``2L`` keys) or ``"clean"`` (dual only: the ``L`` clean queries
-    against the ``L`` clean keys).
+    ``part``: ``"full"`` (all ``total_len`` queries and keys), ``"noisy"`` (dual and
+    complementary only: the noisy queries, ``L`` or ``2L``, against all keys) or ``"clean"`` (the
+    ``L`` clean queries against the ``L`` clean keys).
     """
     if part not in PARTS:
         raise ValueError(f"unknown mask part {part!r}; expected one of {PARTS}")
-    if part != "full" and spec.layout not in DUAL_LAYOUTS:
-        raise ValueError(f"part {part!r} exists only for dual layouts, not {spec.layout!r}")
-    off = spec.seq_len if part == "clean" else 0
+    if part != "full" and spec.layout not in BLOCK_LAYOUTS:
+        raise ValueError(f"part {part!r} exists only for dual and complementary layouts, not {spec.layout!r}")
+    off = noisy_len(spec) if part == "clean" else 0
     if spec.layout == "single_annealed" and spec.anneal_threshold < ANNEAL_FULL:
         # the step-dependent numbers travel as tensors, not Python ints: torch.compile guards on
         # a closure's ints and would recompile the kernel at every training step
@@ -57,12 +58,17 @@ def mask_mod_for(spec: MaskSpec, part: str = "full", doc_ids: Optional[torch.Ten
     return mask_mod
 
 
+def noisy_len(spec: MaskSpec) -> int:
+    """Positions of the noisy views (all streams but the clean one)."""
+    return (spec.streams - 1) * spec.seq_len
+
+
 def part_shape(spec: MaskSpec, part: str) -> tuple[int, int]:
     """(queries, keys) of a part."""
     L = spec.seq_len
     if part == "full":
         return spec.total_len, spec.total_len
-    return (L, 2 * L) if part == "noisy" else (L, L)
+    return (noisy_len(spec), spec.total_len) if part == "noisy" else (L, L)
 
 
 def block_mask_for(
@@ -98,5 +104,6 @@ def _cached_block_mask(spec: MaskSpec, part: str, device: torch.device, block: i
 
 
 def clean_part_is_causal(spec: MaskSpec, doc_ids: Optional[torch.Tensor]) -> bool:
-    """Whether the clean queries of a dual layout need nothing but plain causal attention."""
-    return spec.layout == "dual_context_causal" and doc_ids is None
+    """Whether the clean queries of a dual or complementary layout need nothing but plain causal
+    attention."""
+    return spec.layout in ("dual_context_causal", "complementary_context_causal") and doc_ids is None

@@ -27,6 +27,16 @@ Layouts (docs/method.md, "Attention layouts"; ``L`` = tokens per stream, ``B`` =
                          are causal, the last ``B`` (the active block) see the whole prefix and each
                          other. ``L`` need not be a multiple of ``B``.
 
+Training-only layouts (:data:`COMPLEMENTARY_LAYOUTS`; never recorded in a checkpoint, whose weights
+are the dual layout's): complementary masks over ``[x_t ; x_t' ; x_0]`` (``3L`` tokens), two noisy
+views and one shared clean stream (docs/method.md, "Instruction tuning"):
+
+``complementary_context_causal``  each noisy view as the noisy stream of ``dual_context_causal``
+                         (its own block bidirectionally, clean keys of earlier blocks), never the
+                         other view; clean q -> clean k iff ``k <= q``. Each view's rows equal
+                         those of a ``[x_t ; x_0]`` forward, so one ``3L`` pass equals two ``2L``.
+``complementary_block_causal``    the same with block-causal clean -> clean edges.
+
 With packed documents (``doc_ids``, shape ``[b, L]``, one id per position of a stream), every edge
 additionally requires ``doc(q) == doc(k)`` (positions compared within the stream).
 
@@ -49,6 +59,13 @@ LAYOUTS = (
     "prefix_block",
 )
 DUAL_LAYOUTS = ("dual_context_causal", "dual_block_causal")
+COMPLEMENTARY_LAYOUTS = ("complementary_context_causal", "complementary_block_causal")
+"""Training-only: two noisy views and one clean stream (``3L``); not in :data:`LAYOUTS`, the
+layouts a checkpoint can record and decoding can run."""
+COMPLEMENTARY_OF = dict(zip(DUAL_LAYOUTS, COMPLEMENTARY_LAYOUTS))
+"""The complementary (``3L``) form of each dual layout."""
+BLOCK_LAYOUTS = DUAL_LAYOUTS + COMPLEMENTARY_LAYOUTS
+"""Layouts whose streams are cut into whole blocks of ``B`` (``B`` must divide ``L``)."""
 
 # Annealing hash: 32-bit mixing in int64 arithmetic (every product stays below 2**63), the top
 # 24 bits compared with an integer threshold round(step / K * 2**24).
@@ -58,13 +75,20 @@ ANNEAL_FULL = 1 << _ANNEAL_BITS  # threshold at which every annealed edge is ope
 
 
 def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown attention layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS and layout not in COMPLEMENTARY_LAYOUTS:
+        raise ValueError(f"unknown attention layout {layout!r}; expected one of "
+                         f"{', '.join(LAYOUTS + COMPLEMENTARY_LAYOUTS)}")
     return layout
 
 
 def is_dual(layout: str) -> bool:
     return check_layout(layout) in DUAL_LAYOUTS
+
+
+def num_streams(layout: str) -> int:
+    """Streams of ``L`` positions a layout attends over: 3 (complementary), 2 (dual) or 1."""
+    check_layout(layout)
+    return 3 if layout in COMPLEMENTARY_LAYOUTS else 2 if layout in DUAL_LAYOUTS else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +99,11 @@ class MaskSpec:
     """
 
     layout: str
-    """One of :data:`LAYOUTS`."""
+    """One of :data:`LAYOUTS` or :data:`COMPLEMENTARY_LAYOUTS`."""
     seq_len: int
-    """Tokens per stream ``L``. Dual layouts attend over ``2L`` positions."""
+    """Tokens per stream ``L``. Dual layouts attend over ``2L`` positions, complementary ``3L``."""
     block_size: int = 1
-    """Diffusion block size ``B``; must divide ``seq_len`` for dual layouts."""
+    """Diffusion block size ``B``; must divide ``seq_len`` for dual and complementary layouts."""
     anneal_step: int = 0
     """Current training step ``s`` for ``single_annealed``."""
     anneal_steps: int = 0
@@ -97,7 +121,7 @@ class MaskSpec:
             raise ValueError(
                 f"active block of {self.block_size} tokens is longer than the sequence ({self.seq_len})"
             )
-        if self.layout in DUAL_LAYOUTS and self.seq_len % self.block_size != 0:
+        if self.layout in BLOCK_LAYOUTS and self.seq_len % self.block_size != 0:
             raise ValueError(
                 f"sequence length {self.seq_len} is not divisible by block size {self.block_size} "
                 f"(layout {self.layout!r} needs whole blocks)"
@@ -108,9 +132,14 @@ class MaskSpec:
             )
 
     @property
+    def streams(self) -> int:
+        """Streams of ``seq_len`` positions: 3 (complementary), 2 (dual) or 1."""
+        return num_streams(self.layout)
+
+    @property
     def total_len(self) -> int:
-        """Number of attention positions: ``2L`` for dual layouts, ``L`` otherwise."""
-        return 2 * self.seq_len if self.layout in DUAL_LAYOUTS else self.seq_len
+        """Number of attention positions: ``3L`` complementary, ``2L`` dual, ``L`` otherwise."""
+        return self.streams * self.seq_len
 
     @property
     def anneal_threshold(self) -> int:
@@ -160,15 +189,16 @@ def allowed(
     """
     layout = spec.layout
     L, B = spec.seq_len, spec.block_size
-    if layout in DUAL_LAYOUTS:
-        q_noisy = q < L
-        k_noisy = k < L
-        pq = torch.where(q_noisy, q, q - L)
-        pk = torch.where(k_noisy, k, k - L)
+    if layout in BLOCK_LAYOUTS:
+        # stream index: noisy views 0 (and 1 for complementary layouts), clean the last one
+        clean = spec.streams - 1
+        sq, sk = q // L, k // L
+        pq, pk = q - sq * L, k - sk * L
+        q_noisy, k_noisy = sq < clean, sk < clean
         bq = pq // B
         bk = pk // B
-        noisy_row = torch.where(k_noisy, bq == bk, bk < bq)
-        if layout == "dual_context_causal":
+        noisy_row = torch.where(k_noisy, (sq == sk) & (bq == bk), bk < bq)
+        if layout in ("dual_context_causal", "complementary_context_causal"):
             clean_clean = pk <= pq
         else:
             clean_clean = bk <= bq
@@ -245,7 +275,8 @@ def dense_allowed(
 ) -> torch.Tensor:
     """Public helper: bool tensor, True = may attend.
 
-    Shape ``[2L, 2L]`` for dual layouts, ``[L, L]`` otherwise (with a leading batch dimension when
+    Shape ``[3L, 3L]`` for complementary layouts, ``[2L, 2L]`` for dual layouts, ``[L, L]``
+    otherwise (with a leading batch dimension when
     ``doc_ids`` is given). ``seq_len`` is ``L``, the tokens of one stream.
     """
     spec = MaskSpec(layout, seq_len, block_size, anneal_step, anneal_steps, anneal_seed)

@@ -3,7 +3,10 @@
 :class:`NBDiffModel` takes clean ids (and noisy ids for dual layouts), a layout and a block size.
 For dual layouts it builds ``[x_t ; x_0]`` (``2L`` tokens) with position ids ``0..L-1`` for both
 halves, runs the GPT model with every core attention set to the layout's mask, and returns the
-noisy-stream and clean-stream logits separately. Single-stream diffusion (``single_annealed``,
+noisy-stream and clean-stream logits separately. Complementary layouts (training with
+complementary masks, docs/method.md "Instruction tuning") also take ``complement_ids`` and run
+``[x_t ; x_t' ; x_0]`` (``3L``, positions ``0..L-1`` three times); the second view's logits come
+back as ``complement``. Single-stream diffusion (``single_annealed``,
 ``bidirectional``) reads ``noisy_ids`` and fills ``noisy``; plain causal (AR) reads ``clean_ids``
 and fills ``clean``. Shift convention everywhere: the logit at position ``i`` predicts token
 ``i + 1``.
@@ -19,7 +22,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from ..attention.core_attention import BlockDiffusionAttention
-from ..attention.masks import DUAL_LAYOUTS, MaskSpec, check_layout
+from ..attention.masks import COMPLEMENTARY_LAYOUTS, DUAL_LAYOUTS, MaskSpec, check_layout
 from ..config import ModelConfig
 from .rope import inverse_frequencies
 from .spec import get_nbdiff_block_spec
@@ -65,6 +68,8 @@ class StreamLogits:
     noisy: Optional[torch.Tensor] = None
     clean: Optional[torch.Tensor] = None
     hidden: Optional[torch.Tensor] = None
+    complement: Optional[torch.Tensor] = None
+    """The second noisy view's logits (complementary layouts only)."""
 
 
 def _check_ids(name: str, ids: Optional[torch.Tensor]) -> None:
@@ -160,6 +165,7 @@ class NBDiffModel(MegatronModule):
         clean_ids: Optional[torch.Tensor] = None,
         noisy_ids: Optional[torch.Tensor] = None,
         *,
+        complement_ids: Optional[torch.Tensor] = None,
         layout: str = "causal",
         block_size: int = 1,
         doc_ids: Optional[torch.Tensor] = None,
@@ -167,20 +173,29 @@ class NBDiffModel(MegatronModule):
         anneal_steps: int = 0,
         anneal_seed: int = 0,
     ) -> StreamLogits:
-        """Run one forward. Ids are ``[b, L]``; ``doc_ids`` (packed documents) ``[b, L]``."""
+        """Run one forward. Ids are ``[b, L]``; ``doc_ids`` (packed documents) ``[b, L]``;
+        ``complement_ids`` (the second noisy view) only with a complementary layout."""
         check_layout(layout)
         _check_ids("clean_ids", clean_ids)
         _check_ids("noisy_ids", noisy_ids)
+        _check_ids("complement_ids", complement_ids)
+        complementary = layout in COMPLEMENTARY_LAYOUTS
         dual = layout in DUAL_LAYOUTS
-        if dual:
-            if clean_ids is None or noisy_ids is None:
-                raise ValueError(f"layout {layout!r} needs both clean_ids and noisy_ids")
-            if clean_ids.shape != noisy_ids.shape:
+        if complement_ids is not None and not complementary:
+            raise ValueError(f"complement_ids need a complementary layout, not {layout!r}")
+        if dual or complementary:
+            streams = {"noisy_ids": noisy_ids, "clean_ids": clean_ids}
+            if complementary:
+                streams = {"noisy_ids": noisy_ids, "complement_ids": complement_ids, "clean_ids": clean_ids}
+            if any(x is None for x in streams.values()):
+                need = "clean_ids, noisy_ids and complement_ids" if complementary else "both clean_ids and noisy_ids"
+                raise ValueError(f"layout {layout!r} needs {need}")
+            if len({tuple(x.shape) for x in streams.values()}) > 1:
                 raise ValueError(
-                    f"clean_ids {tuple(clean_ids.shape)} and noisy_ids {tuple(noisy_ids.shape)} "
-                    "must have the same shape"
+                    " and ".join(f"{name} {tuple(x.shape)}" for name, x in streams.items())
+                    + " must have the same shape"
                 )
-            ids = torch.cat([noisy_ids, clean_ids], dim=1)
+            ids = torch.cat(list(streams.values()), dim=1)
         elif layout == "causal":
             if clean_ids is None or noisy_ids is not None:
                 raise ValueError("layout 'causal' reads clean_ids only")
@@ -197,9 +212,7 @@ class NBDiffModel(MegatronModule):
         spec = MaskSpec(layout, L, block_size, anneal_step, anneal_steps, anneal_seed)
         if doc_ids is not None and tuple(doc_ids.shape) != (b, L):
             raise ValueError(f"doc_ids must have shape {(b, L)}, found {tuple(doc_ids.shape)}")
-        positions = torch.arange(L, device=ids.device)
-        if dual:
-            positions = torch.cat([positions, positions])
+        positions = torch.arange(L, device=ids.device).repeat(spec.streams)
         position_ids = positions.unsqueeze(0).expand(b, -1)
         with self.attention_context(spec):
             out = self.gpt(ids, position_ids, doc_ids)
@@ -208,6 +221,8 @@ class NBDiffModel(MegatronModule):
         # out: [b, S, V_padded or V_partition]
         if not self.parallel_output:
             out = out[..., : self.model_config.vocab_size]
+        if complementary:
+            return StreamLogits(noisy=out[:, :L], complement=out[:, L:2 * L], clean=out[:, 2 * L:])
         if dual:
             return StreamLogits(noisy=out[:, :L], clean=out[:, L:])
         if layout == "causal":

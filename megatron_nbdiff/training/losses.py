@@ -8,6 +8,13 @@
   target tokens (positions ``1..L-1`` with ``loss_mask == 1``), so the two terms count comparable
   numbers of tokens.
 * Single-stream (DiffuLLaMA): the diffusion loss alone over one noisy stream (weights ``1/t``).
+* Complementary masks (:func:`complementary_stream_loss`): the diffusion sums of the two noisy
+  views added, the AR sum of the one clean stream, one normaliser.
+
+The normaliser is this micro-batch's count by default; the training step passes ``normaliser``,
+the mean count per micro-batch over the whole step (all micro-batches, all data-parallel ranks),
+so that megatron's mean over micro-batches and ranks gives (sum of loss sums) / (global count)
+when loss masks make the counts differ (docs/method.md, "Losses").
 
 Logits are ``[b, L, V]``, or ``[b, L, V/tp]`` when a tensor-parallel ``tp_group`` is given (the
 cross-entropy then reduces over that group). Cross-entropy is computed in fp32.
@@ -15,7 +22,7 @@ cross-entropy then reduces over that group). Cross-entropy is computed in fp32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -129,6 +136,45 @@ def ar_token_losses(
     return ce * _shifted(loss_mask).float()
 
 
+def _normaliser(loss_mask: torch.Tensor, normaliser) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divisor, this micro-batch's own count): ``normaliser`` when given, else the count (at
+    least 1)."""
+    n = num_target_tokens(loss_mask).clamp(min=1.0)
+    if normaliser is None:
+        return n, n
+    return torch.as_tensor(normaliser, dtype=torch.float32, device=n.device), n
+
+
+def complementary_stream_loss(
+    views: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    clean_logits: torch.Tensor,
+    clean_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    ar_weight: float,
+    tp_group=None,
+    vocab_size: Optional[int] = None,
+    normaliser=None,
+) -> LossParts:
+    """``L_diff + ar_weight * L_AR`` over any number of noisy views ``(logits, weight, is_masked)``
+    of one clean stream: the views' weighted diffusion sums are added and share the AR term's
+    normaliser (two views with complementary masks train every eligible token once; no view: the
+    block-size-1 step, ``ar_weight * L_AR`` alone)."""
+    n, count = _normaliser(loss_mask, normaliser)
+    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
+    if not views:
+        diff = clean_logits.new_zeros((), dtype=torch.float32)
+        masked = diff.new_zeros(())
+    else:
+        total = sum(diffusion_token_losses(logits, clean_ids, weight, tp_group, vocab_size).sum()
+                    for logits, weight, _ in views)
+        diff = total / n
+        masked = sum(_shifted(is_masked).float().sum() for _, _, is_masked in views)
+    return LossParts(
+        loss=diff + ar_weight * ar, diffusion=diff.detach(), ar=ar.detach(),
+        num_tokens=count.detach(), num_masked=masked.detach(),
+    )
+
+
 def dual_stream_loss(
     noisy_logits: Optional[torch.Tensor],
     clean_logits: torch.Tensor,
@@ -139,23 +185,15 @@ def dual_stream_loss(
     ar_weight: float,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    normaliser=None,
 ) -> LossParts:
     """NBDiff / transplant / block-causal loss ``L_diff + ar_weight * L_AR``.
 
     ``noisy_logits=None`` is the block-size-1 case, where the noisy stream has no masked
     positions and is skipped: only ``ar_weight * L_AR`` remains."""
-    n = num_target_tokens(loss_mask).clamp(min=1.0)
-    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
-    if noisy_logits is None:
-        diff = clean_logits.new_zeros((), dtype=torch.float32)
-        masked = diff.new_zeros(())
-    else:
-        diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size).sum() / n
-        masked = _shifted(is_masked).float().sum()
-    return LossParts(
-        loss=diff + ar_weight * ar, diffusion=diff.detach(), ar=ar.detach(),
-        num_tokens=n.detach(), num_masked=masked.detach(),
-    )
+    views = [] if noisy_logits is None else [(noisy_logits, weight, is_masked)]
+    return complementary_stream_loss(views, clean_logits, clean_ids, loss_mask, ar_weight, tp_group,
+                                     vocab_size, normaliser)
 
 
 def single_stream_loss(
@@ -166,13 +204,14 @@ def single_stream_loss(
     loss_mask: torch.Tensor,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    normaliser=None,
 ) -> LossParts:
     """DiffuLLaMA loss: masked tokens under the shifted logits of the single noisy stream."""
-    n = num_target_tokens(loss_mask).clamp(min=1.0)
+    n, count = _normaliser(loss_mask, normaliser)
     diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size).sum() / n
     zero = diff.new_zeros(())
     return LossParts(
-        loss=diff, diffusion=diff.detach(), ar=zero, num_tokens=n.detach(),
+        loss=diff, diffusion=diff.detach(), ar=zero, num_tokens=count.detach(),
         num_masked=_shifted(is_masked).float().sum().detach(),
     )
 
@@ -183,9 +222,10 @@ def ar_loss(
     loss_mask: torch.Tensor,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    normaliser=None,
 ) -> LossParts:
     """Plain next-token training (the ``ar`` recipe)."""
-    n = num_target_tokens(loss_mask).clamp(min=1.0)
+    n, count = _normaliser(loss_mask, normaliser)
     ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
     zero = ar.new_zeros(())
-    return LossParts(loss=ar, diffusion=zero, ar=ar.detach(), num_tokens=n.detach(), num_masked=zero)
+    return LossParts(loss=ar, diffusion=zero, ar=ar.detach(), num_tokens=count.detach(), num_masked=zero)

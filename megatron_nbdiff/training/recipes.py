@@ -11,6 +11,12 @@ tells the rest of the stack everything that differs between recipes:
   function from that output to :class:`~megatron_nbdiff.training.losses.LossParts`;
 * ``metadata_block_size(step, seq_len)``, the block size a checkpoint records for decoding.
 
+Loss masks (``data.loss_mask``) reach a recipe as ``ctx.loss_mask`` (None: every token carries
+loss): the noise never masks a token with mask 0 and both losses count only targets with mask 1,
+divided by ``ctx.normaliser`` (the step's mean count per micro-batch). ``recipe.complementary``
+(dual-stream recipes) adds a second noisy view masking exactly the eligible tokens the first one
+left clean, run in one ``[x_t ; x_t' ; x_0]`` forward (docs/method.md, "Instruction tuning").
+
 =============  =====================  ========  ======================  ============  ==========
 recipe         attention layout       lambda    block size              t             weight
 =============  =====================  ========  ======================  ============  ==========
@@ -32,11 +38,12 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
+from ..attention.masks import COMPLEMENTARY_OF
 from ..config import RecipeConfig
 from ..errors import ConfigError
-from ..noise import mask_tokens
+from ..noise import NoiseOutput, mask_tokens
 from .curriculum import BlockCurriculum
-from .losses import LossParts, ar_loss, dual_stream_loss, single_stream_loss
+from .losses import LossParts, ar_loss, complementary_stream_loss, dual_stream_loss, single_stream_loss
 
 LossFn = Callable[[object], LossParts]
 
@@ -59,6 +66,21 @@ class StepContext:
     """Vocabulary arguments of the losses (``tp_group``, ``vocab_size``)."""
     validate_noise: bool = True
     """Range checks in the noise kernel (off on CUDA: they synchronise the host)."""
+    loss_mask: Optional[torch.Tensor] = None
+    """Per-token loss mask ``[mbs, L]`` (1: the token is a loss target and may be noised), or
+    None: every token carries loss."""
+    normaliser: Optional[float] = None
+    """The losses' divisor: the mean loss-token count per micro-batch over the whole step (all
+    micro-batches, all data-parallel ranks), or None: this micro-batch's own count."""
+
+    def token_loss_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The loss mask of ``tokens`` (ones without one)."""
+        return torch.ones_like(tokens) if self.loss_mask is None else self.loss_mask.to(tokens.device)
+
+    @property
+    def loss_args(self) -> dict:
+        """Keyword arguments of the loss functions: the vocabulary's and the normaliser."""
+        return dict(self.loss_kwargs, normaliser=self.normaliser)
 
 
 class Recipe(abc.ABC):
@@ -73,8 +95,13 @@ class Recipe(abc.ABC):
     default_t_mode: ClassVar[str] = "per_block"
     block_start: ClassVar[Optional[int]] = None
     """The curriculum's B_0, or None for a fixed block size of ``block_max``."""
+    supports_complementary: ClassVar[bool] = False
+    """Whether ``recipe.complementary`` applies (dual-stream recipes)."""
 
     def __init__(self, cfg: RecipeConfig):
+        if cfg.complementary and not self.supports_complementary:
+            raise ConfigError(f"recipe.complementary needs a dual-stream recipe (nbdiff, transplant, block_causal); "
+                              f"recipe {self.name!r} has none")
         self.cfg = cfg
         self.ar_weight = self.default_ar_weight if cfg.ar_weight is None else float(cfg.ar_weight)
         self.weight_mode = cfg.weight_mode or self.default_weight_mode
@@ -165,18 +192,40 @@ class ARRecipe(Recipe):
         return 1
 
     def forward_and_loss(self, tokens, sample_index, model, ctx):
-        loss_mask = torch.ones_like(tokens)
+        loss_mask = ctx.token_loss_mask(tokens)
         out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
-        return out, lambda o: ar_loss(o.clean, tokens, loss_mask, **ctx.loss_kwargs)
+        return out, lambda o: ar_loss(o.clean, tokens, loss_mask, **ctx.loss_args)
+
+
+def complementary_noise(noise: NoiseOutput, tokens: torch.Tensor, loss_mask: torch.Tensor, block_size: int,
+                        mask_token_id: int, weight_mode: str) -> NoiseOutput:
+    """The second view of complementary masks: inside each block it masks exactly the eligible
+    tokens (loss mask 1, not the block's first token) that ``noise`` left clean, so every eligible
+    token is masked in exactly one view. Its noise level is ``1 - t`` (float32) and its weight 1,
+    or ``1 / (1 - t)`` with ``weight_mode="inv_t"``, on its masked tokens; 0 elsewhere."""
+    position = torch.arange(tokens.shape[1], device=tokens.device)
+    eligible = (loss_mask != 0) & (position % block_size != 0)
+    is_masked = eligible & ~noise.is_masked
+    t = 1.0 - noise.t
+    if weight_mode == "inv_t":
+        weight = torch.where(is_masked, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+    else:
+        weight = is_masked.to(torch.float32)
+    noisy_ids = torch.where(is_masked, torch.full_like(tokens, mask_token_id), tokens)
+    return NoiseOutput(noisy_ids, is_masked, t, weight)
 
 
 class DualStreamRecipe(Recipe):
     """``[x_t ; x_0]`` training: diffusion loss on the noisy stream plus ``ar_weight`` times the
     AR loss on the clean stream. At block size 1 the noisy stream has no masked position, so the
-    step runs the clean stream alone (exactly an AR step scaled by ``ar_weight``)."""
+    step runs the clean stream alone (exactly an AR step scaled by ``ar_weight``). With
+    ``recipe.complementary`` the model runs ``[x_t ; x_t' ; x_0]`` (the layout's complementary
+    form), ``x_t'`` masking the eligible tokens ``x_t`` kept (:func:`complementary_noise`), and the
+    diffusion loss sums both views over the one normaliser."""
 
     layout = "dual_context_causal"
     default_ar_weight = 0.5
+    supports_complementary = True
 
     def check(self, seq_len: int, steps: int) -> None:
         for s, b in self.curriculum.changes(steps):
@@ -184,18 +233,28 @@ class DualStreamRecipe(Recipe):
                 raise ConfigError(f"train.seq_len {seq_len} is not divisible by block size {b} (reached at step {s})")
 
     def stream_length(self, seq_len: int, block_size: int) -> int:
-        return 2 * seq_len if block_size > 1 else seq_len
+        if block_size == 1:
+            return seq_len
+        return (3 if self.cfg.complementary else 2) * seq_len
 
     def forward_and_loss(self, tokens, sample_index, model, ctx):
-        loss_mask = torch.ones_like(tokens)
+        loss_mask = ctx.token_loss_mask(tokens)
         if ctx.block_size == 1:
             out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
             return out, lambda o: dual_stream_loss(None, o.clean, tokens, None, None, loss_mask,
-                                                   self.ar_weight, **ctx.loss_kwargs)
+                                                   self.ar_weight, **ctx.loss_args)
         noise = self.noise(tokens, sample_index, loss_mask, ctx, block_size=ctx.block_size)
+        if self.cfg.complementary:
+            other = complementary_noise(noise, tokens, loss_mask, ctx.block_size, ctx.mask_token_id,
+                                        self.weight_mode)
+            out = model(tokens, noise.noisy_ids, complement_ids=other.noisy_ids, layout=COMPLEMENTARY_OF[self.layout],
+                        block_size=ctx.block_size, doc_ids=ctx.doc_ids)
+            return out, lambda o: complementary_stream_loss(
+                [(o.noisy, noise.weight, noise.is_masked), (o.complement, other.weight, other.is_masked)],
+                o.clean, tokens, loss_mask, self.ar_weight, **ctx.loss_args)
         out = model(tokens, noise.noisy_ids, layout=self.layout, block_size=ctx.block_size, doc_ids=ctx.doc_ids)
         return out, lambda o: dual_stream_loss(o.noisy, o.clean, tokens, noise.weight, noise.is_masked,
-                                               loss_mask, self.ar_weight, **ctx.loss_kwargs)
+                                               loss_mask, self.ar_weight, **ctx.loss_args)
 
 
 @register_recipe
@@ -240,9 +299,9 @@ class DiffuLLaMARecipe(Recipe):
         return seq_len
 
     def forward_and_loss(self, tokens, sample_index, model, ctx):
-        loss_mask = torch.ones_like(tokens)
+        loss_mask = ctx.token_loss_mask(tokens)
         noise = self.noise(tokens, sample_index, loss_mask, ctx, block_size=None)
         out = model(noisy_ids=noise.noisy_ids, layout=self.layout, doc_ids=ctx.doc_ids,
                     anneal_step=ctx.step, anneal_steps=self.cfg.anneal_steps, anneal_seed=ctx.seed)
         return out, lambda o: single_stream_loss(o.noisy, tokens, noise.weight, noise.is_masked, loss_mask,
-                                                 **ctx.loss_kwargs)
+                                                 **ctx.loss_args)

@@ -124,12 +124,14 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
         raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary has "
                           f"{mc.vocab_size} rows")
     if check_data:
-        from ..data.datasets import check_prefix, check_token_ids, data_prefixes
+        from ..data.datasets import check_loss_masks, check_prefix, check_token_ids, data_prefixes
 
         for prefix in data_prefixes(cfg.data.train):
             check_prefix(prefix)
             if scan_tokens:
                 check_token_ids(prefix, mc.vocab_size, mask, tok.vocab_size, cache_dir)
+        if scan_tokens:  # the loss masks' values are read like the token ids
+            check_loss_masks(cfg.data, cache_dir)
     return RunPlan(mc, recipe, mask, int(tok.eod_id), tok.vocab_size, meta)
 
 
@@ -175,7 +177,11 @@ def check_resume(record: dict, cfg: RunConfig, model: ModelConfig, where: str) -
                           "use a new checkpoint.save_dir")
     if not saved:
         raise TrainingError(f"{where}: the checkpoint records no run config; resume it with the version that wrote it")
-    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    # a field the writing version did not have yet counts as its default (a newer version adds
+    # fields such as data.loss_mask; their defaults keep the old behaviour)
+    old = dict(_flatten(type(cfg)().to_dict()), **_flatten(saved))
+    new = _flatten(cfg.to_dict())
+    old = {k: v for k, v in old.items() if k in new or k in _flatten(saved)}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
