@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Recipe comparison at small scale: one AR base, four adaptations at the same token budget,
-evaluated the same way.
+"""Recipe comparison at small scale: one AR base, adaptations by several recipes at the same
+token budget, evaluated the same way, with 95% intervals over seeds and problems.
 
     python examples/recipe_comparison/run.py --out runs/comparison            # one GPU, ~27M model
-    python examples/recipe_comparison/run.py --size cpu --out runs/cmp-cpu    # 2 CPU cores, ~2M, ~1 h
+    python examples/recipe_comparison/run.py --size cpu --out runs/cmp-cpu    # 2 CPU cores, ~2M
     python examples/recipe_comparison/run.py --size tiny --out /tmp/cmp       # smoke run (tests)
+    python examples/recipe_comparison/run.py --out runs/cmp-cpu --report-only # re-render report.json
 
 Corpus (generated, checkable): two-digit additions (``Q: 23+58= A: 81``) and copy problems
 (``copy: k f a q -> k f a q``) mixed with the Python standard library's docstrings (see the
@@ -16,21 +17,34 @@ tokenizer splits digits (as the Llama tokenizers do), so addition is learnt digi
 as a lookup over number tokens; held-out additions use operand pairs never seen in training.
 
 Stages: a Llama is pretrained from random weights with ``ar``; converted with an appended mask
-token; adapted with ``diffullama`` (annealing over half the steps), ``transplant`` (fixed block
-B, lambda 0), ``nbdiff`` without curriculum (fixed block B, lambda 0.5) and full ``nbdiff``
-(curriculum 1 -> B), each for the same steps x batch x sequence (equal training tokens), once
-per ``--adapt-seeds`` seed (training order and noise); then every model is evaluated the same
-way: held-out AR loss and block-diffusion NLL bound at B on text, and on held-out additions,
-additions of trained pairs and copies the accuracy of the model's native decoding (AR for the
-base, block decoding at thresholds 0.9 and 0.5 for dual-stream recipes, full-sequence decoding
-in 8 and 4 steps for diffullama) with its tokens per forward.
+token; adapted by each row of ``--rows`` (default: all), each for the same steps x batch x
+sequence (equal training tokens), once per ``--adapt-seeds`` seed (training order and noise):
+
+* ``diffullama`` (annealing over half the steps), ``transplant`` (fixed block B, lambda 0),
+  ``nbdiff_no_curriculum`` (fixed block B, lambda 0.5), ``nbdiff`` (curriculum 1 -> B): the
+  recipe comparison (NBDiff's Table 2);
+* ``block_causal``: ``nbdiff`` with the block-causal clean stream (BD3-LM's layout), same
+  curriculum and lambda: the clean-stream mask ablation (NBDiff's Table 1);
+* ``nbdiff_antithetic``, ``nbdiff_stratified``: ``nbdiff`` with ``recipe.t_sampling`` antithetic
+  or stratified instead of uniform (docs/method.md, "Noise").
+
+Every model is evaluated right after its training, the same way: held-out AR loss and
+block-diffusion NLL bound at B on text, and on held-out additions, additions of trained pairs
+and copies the accuracy of the model's native decoding (AR for the base, block decoding at
+thresholds 0.9 and 0.5 for dual-stream recipes, full-sequence decoding in 8 and 4 steps for
+diffullama) with its tokens per forward; per problem, whether it was right and its tokens and
+forward passes are kept. Means and 95% intervals (a bootstrap over seeds and problems for
+accuracies, a t interval over seeds for losses; ``intervals.py``) and the paired differences
+behind the paper's claims are computed from those by ``report.py``.
 
 Every finished stage is recorded in ``stages.json`` under ``--out``; running the same command
 again skips finished stages (a run cut off by a time limit continues where it stopped; a
 training stage stopped by SIGTERM saves and resumes from its checkpoint), and a later call may
-add seeds to ``--adapt-seeds``. Other settings in the same folder are refused.
-``report.json``, ``comparison.md`` and ``comparison.png`` are rewritten after every evaluated
-model (``"complete": false`` until the last); ``training.png`` shows the training losses.
+add seeds to ``--adapt-seeds`` or rows to ``--rows``. Other settings in the same folder are
+refused. ``report.json`` (the rows and seeds of this call), ``comparison.md`` and
+``comparison.png`` are rewritten after every evaluated model (``"complete": false`` until the
+last); ``--report-only`` rewrites them from ``report.json`` alone. ``training.png`` shows the
+training losses.
 """
 from __future__ import annotations
 
@@ -39,7 +53,6 @@ import json
 import os
 import random
 import re
-import statistics
 import sys
 import time
 import zlib
@@ -47,7 +60,8 @@ import zlib
 from megatron_nbdiff.errors import ConfigError
 from megatron_nbdiff.fileio import atomic_write, save_figure
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart", "quickstart.py")
 
 SIZES = {
@@ -103,7 +117,7 @@ def corpus(n: int, seed: int) -> list[str]:
     return docs
 
 
-TASKS = ("addition", "addition (trained pairs)", "copy")
+TASKS = ("addition", "addition (trained pairs)", "copy")  # the order of report.py's TASKS
 MAX_NEW_TOKENS = {"addition": 8, "addition (trained pairs)": 8, "copy": 16}  # answer + newline fit
 
 
@@ -127,16 +141,18 @@ def eval_problems(n: int, seed: int) -> dict[str, list[tuple[str, str]]]:
 
 def task_accuracy(runner, problems, tok, max_new_tokens: int, **decode) -> dict:
     """Greedy decoding of every prompt (after an end-of-document token, as each training document
-    starts); right when the text up to the first newline equals the answer."""
+    starts); right when the text up to the first newline equals the answer. Per problem it keeps
+    whether it was right and the tokens and forward passes of its decoding, from which the
+    intervals are computed (``intervals.py``)."""
     from megatron_nbdiff.inference import generate
 
     prompts = [[tok.eod_id] + tok.encode(q) for q, _ in problems]
     outs = generate(runner, prompts, max_new_tokens=max_new_tokens, stop_at_eos=False, **decode)
-    right = sum(int(o.get("text", "").split("\n")[0].strip() == ans) for (_, ans), o in zip(problems, outs))
-    toks = sum(o["stats"]["tokens"] for o in outs)
-    passes = sum(o["stats"]["forward_passes"] for o in outs)
-    return dict(accuracy=right / len(problems), tokens_per_forward=toks / passes,
-                sample=problems[0][0] + outs[0].get("text", ""))
+    correct = [int(o.get("text", "").split("\n")[0].strip() == ans) for (_, ans), o in zip(problems, outs)]
+    tokens = [int(o["stats"]["tokens"]) for o in outs]
+    passes = [int(o["stats"]["forward_passes"]) for o in outs]
+    return dict(accuracy=sum(correct) / len(problems), tokens_per_forward=sum(tokens) / sum(passes),
+                sample=problems[0][0] + outs[0].get("text", ""), correct=correct, tokens=tokens, passes=passes)
 
 
 def load_quickstart():
@@ -181,65 +197,19 @@ def write_json(path: str, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
 
 
+def report_module():
+    """``report.py`` beside this script (intervals, table, plot), loaded from its path: examples
+    are scripts, not an importable package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_comparison_report", os.path.join(HERE, "report.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_dir_name(label: str, seed: int) -> str:
     return "run_" + re.sub(r"[^a-z]+", "_", label).strip("_") + f"_s{seed}"
-
-
-def write_outputs(out: str, report: dict) -> str:
-    """report.json, comparison.md (mean over seeds, and the range when there are several) and
-    comparison.png (accuracy against tokens per forward, one line per model)."""
-    write_json(os.path.join(out, "report.json"), report)
-    B = report["block_size"]
-
-    def fmt(values, digits):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "-"
-        s = f"{statistics.mean(values):.{digits}f}"
-        if len(values) > 1:
-            s += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
-        return s
-
-    lines = [f"| model | held-out AR loss | block NLL bound (B={B}) | single-stream loss | decoding | "
-             + " | ".join(f"{t} accuracy | {t} tokens/forward" for t in TASKS) + " |",
-             "|---" * (5 + 2 * len(TASKS)) + "|"]
-    summary = {}
-    for label, by_seed in report["results"].items():
-        rows = list(by_seed.values())
-        for how in rows[0]["decoding"]:
-            d = {task: [r["decoding"][how][task] for r in rows] for task in TASKS}
-            summary.setdefault(label, {})[how] = {
-                task: (statistics.mean(x["accuracy"] for x in v), statistics.mean(x["tokens_per_forward"] for x in v))
-                for task, v in d.items()}
-            lines.append(
-                f"| {label} | {fmt([r['ar_loss'] for r in rows], 3)} | {fmt([r['nll_bound'] for r in rows], 3)} | "
-                f"{fmt([r['single_stream_loss'] for r in rows], 3)} | {how} | "
-                + " | ".join(f"{fmt([x['accuracy'] for x in d[t]], 3)} | "
-                             f"{fmt([x['tokens_per_forward'] for x in d[t]], 2)}" for t in TASKS) + " |")
-    table = "\n".join(lines)
-    atomic_write(os.path.join(out, "comparison.md"), table + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5))
-    for ax, task in zip(axes, TASKS):
-        for label, hows in summary.items():
-            pts = sorted(v[task][::-1] for v in hows.values())  # (tokens/forward, accuracy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-        ax.set_xlabel("tokens per forward")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_title(task)
-    axes[0].legend()
-    seeds = len(report["adapt_seeds"])
-    fig.suptitle(f"recipe comparison ({report['size']}: {report['adapt_tokens_per_recipe']:,} adaptation tokens per "
-                 f"recipe, mean of {seeds} seed{'s' if seeds > 1 else ''})")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out, "comparison.png"))
-    return table
 
 
 def plot_training(out: str, runs: dict) -> None:
@@ -268,16 +238,53 @@ def plot_training(out: str, runs: dict) -> None:
     save_figure(fig, os.path.join(out, "training.png"))
 
 
+def recipes(S: dict) -> dict[str, tuple[str, dict]]:
+    """Every row the comparison can train: ``--rows`` name -> (label in the report, recipe).
+    All train for the same steps x batch x sequence; the curriculum rows share one curriculum."""
+    B = S["block"]
+    curriculum = dict(block_max=B, block_interval=max(S["adapt"] // 8, 1))
+    return {
+        "diffullama": ("diffullama", dict(name="diffullama", anneal_steps=max(S["adapt"] // 2, 1))),
+        "transplant": ("transplant", dict(name="transplant", block_size=B)),
+        "nbdiff_no_curriculum": ("nbdiff (no curriculum)", dict(name="nbdiff", block_size=B)),
+        "nbdiff": ("nbdiff", dict(name="nbdiff", **curriculum)),
+        "block_causal": ("block_causal", dict(name="block_causal", **curriculum)),
+        "nbdiff_antithetic": ("nbdiff (antithetic t)", dict(name="nbdiff", t_sampling="antithetic", **curriculum)),
+        "nbdiff_stratified": ("nbdiff (stratified t)", dict(name="nbdiff", t_sampling="stratified", **curriculum)),
+    }
+
+
+ROW_NAMES = tuple(recipes(SIZES["tiny"]))
+
+
+def evaluated(row) -> bool:
+    """Whether a recorded evaluation has the per-problem data the intervals need (evaluations
+    recorded before them are redone)."""
+    return bool(row) and all(isinstance(r.get("correct"), list) for d in row["decoding"].values() for r in d.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--seed", type=int, default=0, help="corpus, tokenizer and AR base")
     p.add_argument("--adapt-seeds", default="0", help="comma-separated seeds of the adaptations (data order, noise)")
+    p.add_argument("--rows", default=",".join(ROW_NAMES),
+                   help=f"comma-separated adaptations to run (default: all of {','.join(ROW_NAMES)})")
     p.add_argument("--pretrain-steps", type=int, default=None)
     p.add_argument("--adapt-steps", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of continuing a run there")
+    p.add_argument("--report-only", action="store_true",
+                   help="recompute the intervals and rewrite comparison.md and comparison.png from --out/report.json; "
+                        "trains and evaluates nothing")
     args = p.parse_args(argv)
+    out = os.path.abspath(args.out)
+    if args.report_only:
+        if args.fresh:
+            p.error("--report-only re-renders an existing report; it cannot be combined with --fresh")
+        rep = report_module()
+        print(rep.render(out, rep.read_report(out)))
+        return 0
     S = dict(SIZES[args.size])
     S["pretrain"] = args.pretrain_steps or S["pretrain"]
     S["adapt"] = args.adapt_steps or S["adapt"]
@@ -287,12 +294,17 @@ def main(argv=None) -> int:
         p.error(f"--adapt-seeds: expected comma-separated integers, found {args.adapt_seeds!r}")
     if not adapt_seeds or len(set(adapt_seeds)) != len(adapt_seeds):
         p.error(f"--adapt-seeds: expected distinct integers, found {args.adapt_seeds!r}")
-    out = os.path.abspath(args.out)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if not rows or unknown or len(set(rows)) != len(rows):
+        p.error(f"--rows: expected distinct names among {','.join(ROW_NAMES)}, found {args.rows!r}")
+    rows = [r for r in ROW_NAMES if r in rows]  # the report's order does not depend on the option's
     if args.fresh and os.path.isdir(out):
         import shutil
 
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    # rows and seeds are not settings: a later call may add either to the same folder
     stages = Stages(out, dict(size=args.size, seed=args.seed, settings=S))
     t0 = time.time()
 
@@ -307,9 +319,11 @@ def main(argv=None) -> int:
     from megatron_nbdiff.parallel import destroy_parallel
 
     qs = load_quickstart()
+    render = report_module().render
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    qs.log(f"recipe comparison, size {args.size}, on {device}; run folder {out}")
+    qs.log(f"recipe comparison, size {args.size}, on {device}; run folder {out}; rows {','.join(rows)}; "
+           f"adaptation seeds {','.join(map(str, adapt_seeds))}")
     tok_dir, prefix = os.path.join(out, "tokenizer"), os.path.join(out, "data", "train")
     if not stages.get("data"):
         t = time.time()
@@ -339,39 +353,38 @@ def main(argv=None) -> int:
         stages.done("pretrain", dict(checkpoint=base, seconds=time.time() - t))
 
     B = S["block"]
-    recipes = {
-        "diffullama": dict(name="diffullama", anneal_steps=max(S["adapt"] // 2, 1)),
-        "transplant": dict(name="transplant", block_size=B),
-        "nbdiff (no curriculum)": dict(name="nbdiff", block_size=B),
-        "nbdiff": dict(name="nbdiff", block_max=B, block_interval=max(S["adapt"] // 8, 1)),
-    }
-    models = [("AR base", None, base)]
-    for seed in adapt_seeds:
-        for label, recipe in recipes.items():
-            name = f"adapt/{label}/seed {seed}"
-            if not stages.get(name):
-                t = time.time()
-                ck = qs.train(f"{label} (seed {seed})", base, os.path.join(out, run_dir_name(label, seed)), prefix,
-                              tok_dir, recipe, S["adapt"], S["adapt_lr"], seed=1000 + seed, **common)
-                stages.done(name, dict(checkpoint=ck, seconds=time.time() - t))
-            models.append((label, seed, stages.get(name)["checkpoint"]))
+    table = recipes(S)
+    # seed-major, so that every row has its first seed early in a long run; each model is
+    # evaluated right after its training, so the report grows as the run goes
+    models = [("AR base", None, None)]
+    models += [(table[r][0], seed, table[r][1]) for seed in adapt_seeds for r in rows]
 
     problems = eval_problems(S["eval_problems"], args.seed)
     seqs = load_sequences(os.path.join(out, "heldout.jsonl"), tokenizer=tok, seq_length=S["seq"], max_sequences=64)
     budget = S["adapt"] * S["batch"] * S["seq"]
     report = dict(size=args.size, device=device, model=S["model"], settings=S, block_size=B, seed=args.seed,
-                  adapt_seeds=adapt_seeds, pretrain_tokens=S["pretrain"] * S["batch"] * S["seq"],
+                  adapt_seeds=adapt_seeds, rows=rows, pretrain_tokens=S["pretrain"] * S["batch"] * S["seq"],
                   adapt_tokens_per_recipe=budget, eval_problems_per_task=S["eval_problems"],
-                  heldout_sequences=len(seqs), results={}, stage_seconds={}, complete=False)
+                  heldout_sequences=len(seqs), recipes={table[r][0]: table[r][1] for r in rows}, results={},
+                  stage_seconds={}, complete=False)
     decodings = {
         "AR base": {"ar": dict(mode="ar")},
         "diffullama": {"full, 8 steps": dict(mode="full", steps=8), "full, 4 steps": dict(mode="full", steps=4)},
     }
     dual = {f"block, threshold {th}": dict(mode="block", block_size=B, threshold=th) for th in (0.9, 0.5)}
-    table = ""
-    for i, (label, seed, ck) in enumerate(models):
+    text = ""
+    for i, (label, seed, recipe) in enumerate(models):
+        ck = base
+        if recipe is not None:
+            name = f"adapt/{label}/seed {seed}"
+            if not stages.get(name):
+                t = time.time()
+                ck = qs.train(f"{label} (seed {seed})", base, os.path.join(out, run_dir_name(label, seed)), prefix,
+                              tok_dir, recipe, S["adapt"], S["adapt_lr"], seed=1000 + seed, **common)
+                stages.done(name, dict(checkpoint=ck, seconds=time.time() - t, recipe=recipe))
+            ck = stages.get(name)["checkpoint"]
         name = f"eval/{label}" + ("" if seed is None else f"/seed {seed}")
-        if not stages.get(name):
+        if not evaluated(stages.get(name)):
             t = time.time()
             runner = load_runner(ck)
             losses = heldout_losses(runner, seqs, block_sizes=[B], seed=7)
@@ -392,12 +405,12 @@ def main(argv=None) -> int:
         report["results"].setdefault(label, {})[str(seed if seed is not None else args.seed)] = row
         report["stage_seconds"] = {k: v["seconds"] for k, v in stages.data["stages"].items()}
         report["complete"] = i == len(models) - 1
-        table = write_outputs(out, report)
+        text = render(out, report)
     destroy_parallel()
     plot_training(out, {"AR pretraining": os.path.join(out, "run_ar", "metrics.jsonl"),
                         **{f"{label} (seed {seed})": os.path.join(out, run_dir_name(label, seed), "metrics.jsonl")
                            for label, seed, _ in models[1:]}})
-    print(table)
+    print(text)
     print(f"report: {os.path.join(out, 'report.json')} ({time.time() - t0:.0f} s in this call)")
     return 0
 
