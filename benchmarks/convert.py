@@ -36,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 
 import psutil
@@ -194,20 +195,26 @@ def tool_seconds(summary: str, what: str = "total") -> float:
 
 def warm(path: str) -> None:
     """The same starting point for every measured command: write back and (where permitted, as
-    root) drop the page cache, then read every file under ``path`` once, so the command reads its
-    source from memory and writes into free memory. Without this the outputs of earlier commands
-    crowd the page cache and whichever command runs later pays for reclaiming it (seen here: the
-    same export took 8.4 s right after the conversion and 5.0 s when run again)."""
+    root) drop the page cache, then read every file under ``path`` and of the Python environment
+    (the libraries' code, which a dropped cache would make every process fault in from disk)
+    once, so the command reads its source from memory and writes into free memory. Without this
+    the outputs of earlier commands crowd the page cache and whichever command runs later pays
+    for reclaiming it (seen here: the same export took 8.4 s right after the conversion and 5.0 s
+    when run again)."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
     except OSError:
         pass
-    for d, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                while fh.read(64 << 20):
+    for root in (path, sysconfig.get_paths()["purelib"]):
+        for d, _, files in os.walk(root):
+            for f in files:
+                try:
+                    with open(os.path.join(d, f), "rb") as fh:
+                        while fh.read(64 << 20):
+                            pass
+                except OSError:  # a broken link in the environment
                     pass
 
 
