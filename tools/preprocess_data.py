@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Tokenise a JSONL or text corpus into a megatron-core indexed dataset (``PREFIX.bin`` + ``PREFIX.idx``).
+"""Tokenise a JSONL, text or chat corpus into a megatron-core indexed dataset (``PREFIX.bin`` +
+``PREFIX.idx``; chat also writes the loss mask ``PREFIX.loss_mask.bin`` + ``.idx``).
 
     python tools/preprocess_data.py --input corpus.jsonl --tokenizer TOKENIZER_DIR_OR_MODEL \\
-        --output-prefix data/corpus [--json-key text] [--no-eod] [--force]
+        --output-prefix data/corpus [--format auto|jsonl|text|chat] [--workers N] \\
+        [--json-key text] [--max-tokens N] [--no-eod] [--force]
 
 The same as the ``nbdiff-preprocess`` command; the work is in :mod:`megatron_nbdiff.data.preprocess`.
 """
