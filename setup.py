@@ -3,8 +3,8 @@
 Install with ``pip install --no-build-isolation -e .`` after ``torch==2.13.0`` is installed:
 the extensions compile against the installed torch. The install provides the console commands
 ``nbdiff-train``, ``nbdiff-preprocess``, ``nbdiff-eval``, ``nbdiff-launch-slurm``,
-``nbdiff-generate``, ``nbdiff-convert-hf-to-megatron``, ``nbdiff-convert-megatron-to-hf`` and
-``nbdiff-convert-megatron-lm``
+``nbdiff-generate``, ``nbdiff-convert-hf-to-megatron``, ``nbdiff-convert-megatron-to-hf``,
+``nbdiff-convert-megatron-lm`` and ``nbdiff-plan``
 (the ``tools/*.py`` files run the same code).
 """
 import os
@@ -77,6 +77,7 @@ CONSOLE_SCRIPTS = [
     "nbdiff-convert-hf-to-megatron = megatron_nbdiff.checkpoint.cli:hf_to_megatron_console",
     "nbdiff-convert-megatron-to-hf = megatron_nbdiff.checkpoint.cli:megatron_to_hf_console",
     "nbdiff-convert-megatron-lm = megatron_nbdiff.checkpoint.cli:megatron_lm_console",
+    "nbdiff-plan = megatron_nbdiff.planning.cli:console_main",
 ]
 
 setup(

@@ -1,0 +1,141 @@
+"""Per-GPU memory of one layout: weights, gradients, optimizer state, activations, attention
+buffers and logits, on the first and on the last pipeline stage (the two that can peak).
+
+Model state (bytes per element of the rank's DDP buffer, :mod:`.parameters`): bf16 weights 2,
+fp32 main gradients 4 (megatron DDP with ``grad_reduce_in_fp32``), distributed-optimizer state 12
+per parameter (fp32 master copy, Adam ``m`` and ``v``) sharded over the DP x CP ranks.
+
+Activations per layer follow Korthikanti et al. (2022, "Reducing Activation Recomputation in
+Large Transformer Models"), redone for this model: RMSNorm, SwiGLU, GQA, no dropout, a
+flash-style core attention (FlexAttention: it keeps ``Q, K, V``, its output and the log-sum-exp,
+never an ``s x s`` score matrix), sequence parallelism whenever TP > 1. For ``s`` tokens per
+micro-batch sequence on one CP rank (``streams * L / cp``), micro-batch ``b`` and TP ``t``, one
+layer keeps ``s * b / t`` times (bf16 = 2 bytes a value):
+
+* ``recompute=none``: ``8h + 6ad + 4gd + 8f + 4a + 8`` — the two norm inputs and the two linear
+  inputs they feed (2h each), ``Q`` (2ad), ``K, V`` (4gd), the attention output kept by the core
+  attention and again as ``linear_proj``'s input (4ad... 2ad each), its fp32 log-sum-exp (4a), the
+  SwiGLU's ``fc1`` output (4f), ``silu`` output (2f) and product (``fc2`` input, 2f), and the
+  norms' fp32 ``1/rms`` (8); Qwen3-style q/k norms add ``2(a+g)d``.
+* ``selective`` (core attention, norms and the SwiGLU activation recomputed):
+  ``4h + 4ad + 4gd + 4f``.
+* ``full`` (megatron's uniform method, one layer per checkpoint): the layer input ``2h``, plus
+  one layer's ``none`` activations while it is recomputed in the backward pass.
+
+Layers in flight on stage ``k`` of ``p`` with ``m`` micro-batches: 1F1B keeps ``min(p - k, m)``
+micro-batches of its ``layers / p`` layers; the interleaved schedule with ``v`` virtual stages
+keeps ``min(2(p - k - 1) + (v - 1)p + 1, m v)`` chunks of ``layers / (p v)`` layers (on the first
+stage ``layers * (1 + (p - 1)/(p v))`` layer-activations, Korthikanti's figure).
+
+Attention buffers: under CP each rank all-gathers the keys and values of one stream (the clean
+stream in dual layouts, the whole stream otherwise): ``(cp - 1)/cp * 2 * L * b * g d / t * 2``
+bytes per layer, kept for the backward pass without recomputation (plus one more as the
+reduce-scatter buffer of their gradients); with recomputation only those two transient buffers
+remain. The FlexAttention block mask is 32 bytes per 128 x 128 tile per micro-batch in flight.
+
+Logits on the last stage (one micro-batch at a time): the final norm keeps ``4h + 4`` bytes per
+token on its rank; the vocabulary-parallel cross-entropy (``training/losses.py``) holds the bf16
+logits of all streams (2 bytes per value), the fp32 copy, shifted values and exponentials of the
+stream being scored (12) and the saved fp32 softmax of the stream scored before (4), over
+``V_pad / t`` columns.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ModelConfig
+from .layouts import Cluster, Layout, Workload
+from .parameters import grad_buffer_numel, rank_parameter_count
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage."""
+
+    stage: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    attention: int
+    logits: int
+    reserve: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.attention
+                + self.logits + self.reserve)
+
+    def gib(self) -> dict:
+        return {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self).items() if k != "stage"} | {
+            "stage": self.stage, "total": round(self.total / GIB, 3)}
+
+
+def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str) -> int:
+    """Bytes one layer keeps per token on one TP rank times TP (see the module docstring)."""
+    h, a, g, d, f = (mc.hidden_size, mc.num_attention_heads, mc.num_query_groups, mc.kv_channels,
+                     mc.ffn_hidden_size)
+    qk = 2 * (a + g) * d if mc.qk_layernorm else 0
+    if recompute == "none":
+        return 8 * h + 6 * a * d + 4 * g * d + 8 * f + 4 * a + 8 + qk
+    if recompute == "selective":
+        return 4 * h + 4 * a * d + 4 * g * d + 4 * f + qk
+    if recompute == "full":
+        return 2 * h
+    raise ValueError(f"unknown recompute {recompute!r}")
+
+
+def layers_in_flight(mc: ModelConfig, layout: Layout, stage: int, microbatches: int) -> float:
+    """Layer-activations (layers x micro-batches) a stage keeps at its peak."""
+    p, v = layout.pp, layout.vpp
+    per_stage = mc.num_layers // p
+    if v == 1:
+        return min(p - stage, microbatches) * per_stage
+    chunks = min(2 * (p - stage - 1) + (v - 1) * p + 1, microbatches * v)
+    return chunks * per_stage / v
+
+
+def stage_memory(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster,
+                 stage: int) -> StageMemory:
+    t, cp, b = layout.tp, layout.cp, layout.mbs
+    m = layout.microbatches(work)
+    last = stage == layout.pp - 1
+    dp_shards = layout.dp * cp  # the distributed optimizer shards over data x context parallel ranks
+    buffer = grad_buffer_numel(mc, t, layout.pp, stage, dp=dp_shards)
+    params = rank_parameter_count(mc, t, layout.pp, stage)
+    weights, grads = 2 * buffer, 4 * buffer
+    optimizer = -(-12 * params // dp_shards)
+
+    s = work.streams * work.seq_len // cp  # tokens of one sequence on this CP rank
+    tokens = s * b / t  # per TP rank (sequence parallelism)
+    in_flight = layers_in_flight(mc, layout, stage, m)
+    acts = layer_activation_bytes_per_token(mc, layout.recompute) * tokens * in_flight
+    if layout.recompute == "full":  # one layer's activations while it is recomputed
+        acts += layer_activation_bytes_per_token(mc, "none") * tokens
+
+    gd = mc.num_query_groups * mc.kv_channels
+    gather = (cp - 1) / cp * 2 * work.seq_len * b * gd / t * 2 if cp > 1 else 0.0
+    kept = in_flight if layout.recompute == "none" else 0
+    attention = gather * (kept + 2)
+    tiles_q, tiles_k = -(-s // 128), -(-(work.streams * work.seq_len) // 128)
+    # micro-batches with activations in flight (interleaved: at most 2p, an upper bound)
+    microbatches_in_flight = min(layout.pp - stage if layout.vpp == 1 else 2 * layout.pp, m)
+    attention += 32 * tiles_q * tiles_k * b * microbatches_in_flight
+
+    logits = 0.0
+    if last:
+        vocab = mc.padded_vocab_size(t) // t
+        stream = work.seq_len // cp
+        logits = (4 * mc.hidden_size + 4) * tokens
+        logits += vocab * b * (2 * s + 12 * stream + 4 * (s - stream))
+    return StageMemory(stage, int(weights), int(grads), int(optimizer), int(acts), int(attention),
+                       int(logits), int(cluster.reserve_gib * GIB))
+
+
+def peak_memory(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) -> StageMemory:
+    """The stage (first or last) with the most memory."""
+    stages = {0, layout.pp - 1}
+    return max((stage_memory(mc, work, layout, cluster, k) for k in sorted(stages)),
+               key=lambda sm: sm.total)

@@ -1,0 +1,124 @@
+"""Step time of one layout: compute at a stated MFU, the pipeline bubble, and the communication
+the trainer does not overlap.
+
+FLOPs of a step (``T = global_batch * streams * L`` tokens through the layers; dual-stream recipes
+run both streams, so their ``T`` is doubled):
+
+* model FLOPs ``6 * N * T + 12 * pairs * a * d * layers * global_batch``, where ``N`` counts the
+  matmul weights (the layers and the output layer; the embedding lookup is no matmul) and
+  ``pairs`` the (query, key) pairs the layout allows in one sequence (``dual_context_causal``:
+  ``L^2 + L B/2 + L/2``; ``dual_block_causal``: ``L^2 + L B``; ``causal``: ``L(L+1)/2``; the
+  annealed layout is counted at its end, bidirectional: ``L^2``): forward ``4 * pairs * a * d``
+  per layer, backward twice that;
+* recomputation adds a forward: ``selective`` the core attention (``4 * pairs * a * d`` per
+  layer), ``full`` the whole layer (``2 * N_layers * T`` plus the attention forward).
+
+Compute time is the hardware FLOPs over ``world * peak * mfu`` (``mfu``: what the GPUs reach while
+computing), stretched by the pipeline bubble ``(p - 1) / (v * m)``. Communication (bus bandwidth
+``intra_node_gbs`` when a group stays in a node, ``inter_node_gbs`` otherwise; megatron orders
+ranks TP, CP, DP, PP from fastest-varying) is added where the trainer does not overlap it:
+
+* TP with sequence parallelism: per layer and micro-batch, 4 all-gathers / reduce-scatters of the
+  ``s x b x h`` activation forward and 4 backward (4 more with ``full``), each moving
+  ``(t - 1)/t`` of it;
+* CP: per layer and micro-batch, the key/value all-gather forward, its reduce-scatter backward,
+  and the gather again when attention is recomputed;
+* DP: the gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed
+  optimizer over the DP x CP ranks, once a step (overlap is off in the trainer today);
+* PP: the activation and its gradient across each stage boundary per micro-batch.
+
+The effective MFU reported is model FLOPs over (step time x world x peak).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import ModelConfig
+from .layouts import BLOCK_SIZE, Cluster, Layout, Workload
+from .parameters import layer_parameters, numel, rank_parameter_count
+
+
+@dataclasses.dataclass
+class StepTime:
+    seconds: float
+    compute: float
+    bubble: float
+    """Seconds lost to the pipeline bubble."""
+    tp_comm: float
+    cp_comm: float
+    dp_comm: float
+    pp_comm: float
+    model_tflop: float
+    """Model FLOPs of one step / 1e12 (no recomputation)."""
+    mfu: float
+    """Effective model FLOPs utilisation of the whole step."""
+    tokens_per_s: float
+    """Training tokens (``global_batch * L``, one stream) per second."""
+
+
+def attention_pairs(layout_name: str, L: int, B: int = BLOCK_SIZE) -> float:
+    if layout_name == "dual_context_causal":
+        return L * L + L * B / 2 + L / 2
+    if layout_name == "dual_block_causal":
+        return L * L + L * B
+    if layout_name == "causal":
+        return L * (L + 1) / 2
+    return float(L) * L  # single_annealed ends bidirectional
+
+
+def matmul_params(mc: ModelConfig) -> tuple[int, int]:
+    """(weights of the layers' matmuls, weights of the output layer)."""
+    per_layer = sum(numel(s) for n, s in layer_parameters(mc, 1, 0) if n.endswith("linear_proj.weight")
+                    or n.endswith("linear_qkv.weight") or ".mlp." in n)
+    return per_layer * mc.num_layers, mc.vocab_size * mc.hidden_size
+
+
+def model_flops(mc: ModelConfig, work: Workload) -> tuple[float, float]:
+    """(model FLOPs of a step, the attention-score part of one forward over all layers)."""
+    layers, output = matmul_params(mc)
+    tokens = work.global_batch * work.streams * work.seq_len
+    attn_fwd = (4 * attention_pairs(work.layout, work.seq_len) * mc.num_attention_heads
+                * mc.kv_channels * mc.num_layers * work.global_batch)
+    return 6 * (layers + output) * tokens + 3 * attn_fwd, attn_fwd
+
+
+def _bandwidth(cluster: Cluster, span: int) -> float:
+    """Bytes/s of a group whose ranks span ``span`` consecutive GPUs."""
+    gbs = cluster.intra_node_gbs if span <= cluster.gpus_per_node else cluster.inter_node_gbs
+    return gbs * 1e9
+
+
+def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
+    t, p, v, cp, dp, b = layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.mbs
+    m = layout.microbatches(work)
+    flops, attn_fwd = model_flops(mc, work)
+    layers, _ = matmul_params(mc)
+    tokens = work.global_batch * work.streams * work.seq_len
+    extra = {"none": 0.0, "selective": attn_fwd, "full": 2 * layers * tokens + attn_fwd}[layout.recompute]
+    compute = (flops + extra) / (cluster.world * cluster.peak_tflops * 1e12 * cluster.mfu)
+    bubble = compute * (p - 1) / (v * m)
+
+    s = work.streams * work.seq_len // cp
+    layers_per_stage = mc.num_layers // p
+    act = s * b * mc.hidden_size * 2
+    tp_comm = 0.0
+    if t > 1:
+        collectives = 12 if layout.recompute == "full" else 8
+        tp_comm = collectives * (t - 1) / t * act * layers_per_stage * m / _bandwidth(cluster, t)
+    cp_comm = 0.0
+    if cp > 1:
+        kv = 2 * work.seq_len * b * mc.num_query_groups * mc.kv_channels / t * 2
+        passes = 2 if layout.recompute == "none" else 3
+        cp_comm = passes * (cp - 1) / cp * kv * layers_per_stage * m / _bandwidth(cluster, t * cp)
+    shards = dp * cp
+    dp_comm = 0.0
+    if shards > 1:
+        params = max(rank_parameter_count(mc, t, p, 0), rank_parameter_count(mc, t, p, p - 1))
+        dp_comm = (4 + 2) * params * (shards - 1) / shards / _bandwidth(cluster, t * shards)
+    pp_comm = 0.0
+    if p > 1:
+        pp_comm = 2 * m * v * act / t / _bandwidth(cluster, t * cp * dp * 2)
+    seconds = compute + bubble + tp_comm + cp_comm + dp_comm + pp_comm
+    mfu = flops / (seconds * cluster.world * cluster.peak_tflops * 1e12)
+    return StepTime(seconds, compute, bubble, tp_comm, cp_comm, dp_comm, pp_comm, flops / 1e12, mfu,
+                    work.global_batch * work.seq_len / seconds)
