@@ -79,12 +79,10 @@ def _parser(doc: str, prog: str) -> argparse.ArgumentParser:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def hf_to_megatron_parser() -> argparse.ArgumentParser:
-    p = _parser(HF_TO_MEGATRON, "convert_hf_to_megatron.py")
-    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    p.add_argument("--out-dir", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (default 1)")
+def _into_megatron_options(p: argparse.ArgumentParser, layout_default: Optional[int], layout_help: str) -> None:
+    """The options both converters into this project's format take."""
+    p.add_argument("--tp", type=int, default=layout_default, help=f"target tensor-parallel size ({layout_help})")
+    p.add_argument("--pp", type=int, default=layout_default, help=f"target pipeline-parallel size ({layout_help})")
     p.add_argument("--mask-token", default="append",
                    help="append | none | an unused token id | a token string (default append)")
     p.add_argument("--mask-token-string", default="<|mask|>",
@@ -100,6 +98,13 @@ def hf_to_megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="convert NaN/Inf weights with a warning instead of refusing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def hf_to_megatron_parser() -> argparse.ArgumentParser:
+    p = _parser(HF_TO_MEGATRON, "convert_hf_to_megatron.py")
+    p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--out-dir", required=True, help="output directory (must not exist or be empty)")
+    _into_megatron_options(p, 1, "default 1")
     return p
 
 
@@ -124,23 +129,7 @@ def megatron_lm_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory of the run")
     p.add_argument("--out-dir", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--args-yaml", default=None, help="YAML of Megatron-LM arguments (see above)")
-    p.add_argument("--tp", type=int, default=None, help="target tensor-parallel size (default: the source's)")
-    p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size (default: the source's)")
-    p.add_argument("--mask-token", default="append",
-                   help="append | none | an unused token id | a token string (default append)")
-    p.add_argument("--mask-token-string", default="<|mask|>",
-                   help="string of the appended mask token (default <|mask|>)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="parameter dtype (default: the checkpoint's)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="ModelConfig.max_seq_len (default: max_position_embeddings)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                   help="vocabulary padding multiple per TP rank (default 128)")
-    p.add_argument("--force", action="store_true",
-                   help="replace an earlier conversion in --out-dir (a directory with nbdiff.json)")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="convert NaN/Inf weights with a warning instead of refusing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _into_megatron_options(p, None, "default: the source run's")
     return p
 
 

@@ -194,3 +194,14 @@ class AtomicOutputDir:
         os.rename(self.out_dir, old)
         os.rename(self.tmp, self.out_dir)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def pread_full(fd: int, offset: int, buf: memoryview, name: str) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (``os.preadv`` until done); a file that ends first
+    is a :class:`ConversionError` naming ``name``."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise ConversionError(f"{name} ended early (truncated while reading)")
+        done += n

@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 import torch
 
 from .errors import ConversionError
+from .fsutil import pread_full
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
@@ -216,13 +217,7 @@ class SafetensorsCheckpoint:
         self.close()
 
     def _pread_into(self, path: str, offset: int, buf: memoryview) -> None:
-        fd = self._fd(path)
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise ConversionError(f"{path} ended early (truncated while reading)")
-            done += n
+        pread_full(self._fd(path), offset, buf, path)
 
     def read_rows_into(self, name: str, dest: torch.Tensor, start: int = 0,
                        stop: Optional[int] = None) -> None:

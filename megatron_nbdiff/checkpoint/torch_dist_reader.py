@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .errors import ConversionError
+from .fsutil import pread_full
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # the zip local file header (30 bytes)
 
@@ -166,12 +167,7 @@ class TensorFileReader:
             )
 
     def _pread(self, fd: int, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise ConversionError(f"a shard file of {self.path} ended early (truncated while reading)")
-            done += n
+        pread_full(fd, offset, buf, f"a shard file of {self.path}")
 
     def _read_with_torch(self, key: str, region: torch.Tensor, offsets: tuple[int, ...]) -> None:
         from .megatron_to_hf import read_slices
