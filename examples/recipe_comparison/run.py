@@ -343,13 +343,15 @@ def main(argv=None) -> int:
     base = os.path.join(out, "meg_base")
     if not stages.get("pretrain"):
         t = time.time()
+        # force: a rerun after a kill inside this stage redoes its conversions (deterministic, into
+        # this script's own folders); the training resumes from run_ar's latest checkpoint
         qs.make_hf_init(os.path.join(out, "hf_init"), tok.vocab_size, tok_dir, model=S["model"])
         convert_hf_to_megatron(os.path.join(out, "hf_init"), os.path.join(out, "meg_init"), mask_token="none",
-                               progress=False)
+                               progress=False, force=True)
         base_run = qs.train("ar", os.path.join(out, "meg_init"), os.path.join(out, "run_ar"), prefix, tok_dir,
                             dict(name="ar"), S["pretrain"], S["pretrain_lr"], seed=args.seed, **common)
-        convert_megatron_to_hf(base_run, os.path.join(out, "hf_base"), progress=False)
-        convert_hf_to_megatron(os.path.join(out, "hf_base"), base, mask_token="append", progress=False)
+        convert_megatron_to_hf(base_run, os.path.join(out, "hf_base"), progress=False, force=True)
+        convert_hf_to_megatron(os.path.join(out, "hf_base"), base, mask_token="append", progress=False, force=True)
         stages.done("pretrain", dict(checkpoint=base, seconds=time.time() - t))
 
     B = S["block"]
