@@ -19,9 +19,11 @@ that matters.
 
     python benchmarks/convert.py --workdir /tmp/nbdiff-bench --runs 3 [--keep]
 
-Before each copy and each conversion the page cache is written back and dropped (as root) and
-the source read once (:func:`warm`), so every command starts from the same state: its source in
-memory, free memory to write into. The workdir is deleted at the end unless ``--keep``.
+Before each copy and each conversion, :func:`warm` gives every command the same start: the page
+cache written back and dropped (as root), the source and the Python environment read once, and
+memory for the output touched once by a scratch file of the same size (on this VM, writing into
+memory the guest has not used lately is 8x slower than into memory it has). The workdir is
+deleted at the end unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -193,14 +195,18 @@ def tool_seconds(summary: str, what: str = "total") -> float:
     return float(m.group(1))
 
 
-def warm(path: str) -> None:
+def warm(path: str, scratch: str) -> None:
     """The same starting point for every measured command: write back and (where permitted, as
-    root) drop the page cache, then read every file under ``path`` and of the Python environment
-    (the libraries' code, which a dropped cache would make every process fault in from disk)
-    once, so the command reads its source from memory and writes into free memory. Without this
-    the outputs of earlier commands crowd the page cache and whichever command runs later pays
-    for reclaiming it (seen here: the same export took 8.4 s right after the conversion and 5.0 s
-    when run again)."""
+    root) drop the page cache; read every file under ``path`` and of the Python environment once
+    (the libraries' code, which a dropped cache would make every process fault in from disk); and
+    write, sync and delete a scratch file as large as ``path`` next to the outputs.
+
+    The scratch file is there because of the host: on this VM (a Firecracker guest whose idle
+    memory is handed back to the host) the first write into memory the guest has not touched
+    lately runs at about 0.35 GB/s, and at 2.9 GB/s once the pages have been used (the same
+    1.4 GB safetensors write: 4.1 s, then 0.48 s). Without it, whichever command writes first
+    into fresh memory pays for the host's page faults, and the comparison measures the order of
+    the commands instead of the code."""
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -216,10 +222,18 @@ def warm(path: str) -> None:
                             pass
                 except OSError:  # a broken link in the environment
                     pass
+    block = bytes(64 << 20)
+    with open(scratch, "wb") as f:
+        for _ in range(max(1, dir_bytes(path) // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    os.remove(scratch)
+    os.sync()
 
 
 def copy_run(src: str, dst: str) -> dict:
-    warm(src)
+    warm(src, dst + ".scratch")
     result = run_measured([sys.executable, "-c", COPY_SCRIPT, src, dst])
     shutil.rmtree(dst)
     os.sync()
@@ -259,7 +273,7 @@ def main(argv=None) -> int:
             rows["copy of the HF files"].append(copy_run(hf_dir, os.path.join(args.workdir, "copy")))
             cmd = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out-dir", mg,
                    "--tp", str(args.tp), "--dtype", "bf16", "--mask-token", "append", "--no-progress"]
-            warm(hf_dir)
+            warm(hf_dir, mg + ".scratch")
             rows["hf->megatron"].append(run_measured(cmd))
             print(f"run {r}: {rows['hf->megatron'][-1]}", flush=True)
             os.sync()
@@ -268,7 +282,7 @@ def main(argv=None) -> int:
                 out = os.path.join(args.workdir, f"out{r}")
                 cmd = [sys.executable, "tools/convert_megatron_to_hf.py", "--megatron-dir", mg,
                        "--out-dir", out, "--no-progress"]
-                warm(mg)
+                warm(mg, out + ".scratch")
                 rows["megatron->hf"].append(run_measured(cmd))
                 print(f"run {r}: {rows['megatron->hf'][-1]}", flush=True)
                 shutil.rmtree(out)
