@@ -72,8 +72,24 @@ the block size) and a row stops as soon as one of its ``until`` strings appears;
 end on block boundaries and a new chunk's prefill computes the same causal pass as the commit it
 replaces, chunking changes the result only by floating-point rounding. Full mode decodes the whole
 span at once. Options lm-eval may pass that the decoders lack (``top_k``, ...) are ignored with a
-warning. ``decode_stats`` accumulates the generated tokens, forward passes and seconds of every
+warning. When the tokenizer has a chat template, generation also stops at the template's
+end-of-turn token (left out of the text, as EOS is), whether or not the prompt was rendered with
+the template. ``decode_stats`` accumulates the generated tokens, forward passes and seconds of every
 ``generate_until`` call (``tokens_per_forward()`` reads it).
+
+Chat templates
+--------------
+``lm_eval.simple_evaluate(..., apply_chat_template=True)`` (``--apply_chat_template`` on lm-eval's
+command line) renders every request's context with :meth:`NBDiffLM.apply_chat_template`: the
+checkpoint tokenizer's chat template (:mod:`megatron_nbdiff.inference.chat`), with the generation
+prompt, or, when lm-eval passes ``add_generation_prompt=False`` (a task with a ``gen_prefix``, the
+last message being the assistant's start), continuing the final message, as lm-eval's Hugging
+Face model does; a template that refuses a system turn is retried without it, with a warning,
+also as that model does. The rendered text is encoded without special tokens (the template writes
+its own BOS). ``chat_template()`` returns the template text (lm-eval logs it);
+``tokenizer_name`` names the checkpoint (lm-eval's request-cache key). A checkpoint whose
+tokenizer has no chat template, or a template whose assistant turns end with no special token, is
+refused with an :class:`EvaluationError` when a chat template is asked for.
 """
 from __future__ import annotations
 
@@ -94,6 +110,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..inference.api import load_runner, resolve_block_size
+from ..inference.chat import ChatTemplate
 from ..inference.decode import MODES, DecodeOptions, block_decode, full_decode
 from ..inference.runner import ModelRunner
 from .block_walk import walk_blocks
@@ -225,6 +242,15 @@ class NBDiffLM(TemplateLM):
             raise EvaluationError(f"add_bos_token=true but the tokenizer of {info.source} has no BOS token")
         self._warned_keys: set = set()
         self.decode_stats = dict(tokens=0, forward_passes=0, seconds=0.0, calls=0)
+        self._chat: Optional[ChatTemplate] = None
+        self._chat_error = ""
+        try:
+            self._chat = ChatTemplate.of(self.runner, error=EvaluationError)
+        except EvaluationError as exc:
+            self._chat_error = str(exc)
+            if getattr(getattr(self.tokenizer, "_hf", None), "chat_template", None):
+                log.warning("nbdiff: %s; apply_chat_template cannot be used", exc)
+        self._stop_ids = tuple(self._chat.end_of_turn_ids) if self._chat is not None else ()
 
     # -- lm-eval plumbing ---------------------------------------------------------------------
     @property
@@ -259,7 +285,44 @@ class NBDiffLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
+        """The checkpoint's name (lm-eval fingerprints its request cache with it)."""
         return str(self.runner.info.source).replace("/", "__")
+
+    # -- chat templates (module docstring, "Chat templates") ---------------------------------------
+    def _chat_or_raise(self) -> ChatTemplate:
+        if self._chat is None:
+            raise EvaluationError(self._chat_error)
+        return self._chat
+
+    def chat_template(self, chat_template: Any = False) -> Optional[str]:
+        """The template text lm-eval logs: None when ``chat_template`` is False or None; a name
+        selects one of several named templates (default: ``"default"``)."""
+        if chat_template is False or chat_template is None:
+            return None
+        template = self._chat_or_raise().template
+        if isinstance(template, dict):
+            name = chat_template if isinstance(chat_template, str) else "default"
+            if name not in template:
+                raise EvaluationError(f"{self.runner.info.source}: no chat template named {name!r}; the tokenizer "
+                                      f"has {sorted(template)}")
+            return template[name]
+        return template
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """``chat_history`` rendered by the tokenizer's chat template, as lm-eval's LM interface
+        defines it."""
+        chat = self._chat_or_raise()
+        history = list(chat_history)
+        kw = dict(add_generation_prompt=add_generation_prompt, continue_final_message=not add_generation_prompt,
+                  where="lm-eval chat history")
+        try:
+            return chat.render(history, **kw)
+        except EvaluationError:
+            without = [m for m in history if not (isinstance(m, dict) and m.get("role") == "system")]
+            if len(without) == len(history):
+                raise
+            log.warning("nbdiff: the chat template failed on a history with a system turn; retrying without it")
+            return chat.render(without, **kw)
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
                    left_truncate_len: Optional[int] = None, **kwargs) -> list[int]:
@@ -461,7 +524,7 @@ class NBDiffLM(TemplateLM):
             log.warning("nbdiff: ignoring generation option(s) %s: the block / full / AR decoders do not "
                         "support them", ignored)
         opts = dataclasses.replace(self.opts, max_new_tokens=max_gen, temperature=temperature,
-                                   top_p=top_p, stop_at_eos=True)
+                                   top_p=top_p, stop_at_eos=True, stop_token_ids=self._stop_ids)
         opts.validate()
         return until, max_gen, opts
 
@@ -481,7 +544,7 @@ class NBDiffLM(TemplateLM):
 
     def _generate_batch(self, prompts: list[list[int]], until: list[str], max_gen: int,
                         opts: DecodeOptions) -> list[str]:
-        eos = set(self.runner.info.eos_token_ids)
+        eos = set(self.runner.info.eos_token_ids) | set(self._stop_ids)
         gen: list[list[int]] = [[] for _ in prompts]
         active = list(range(len(prompts)))
         if self.mode == "full" or self.stop_check_every == 0:

@@ -177,11 +177,11 @@ def generate(model: Union[str, ModelRunner], prompts: Union[str, Sequence[Any]],
     """Decode ``prompts`` (strings or lists of token ids) with ``model`` (a checkpoint directory or
     a loaded runner). Options use the CLI's names: ``mode`` (block, full, ar), ``block_size``,
     ``threshold``, ``sub_blocks``, ``confidence``, ``max_new_tokens``, ``temperature`` (0: greedy),
-    ``top_p``, ``steps``, ``suffix``, ``seed``, ``stop_at_eos``; loading options ``device``,
-    ``dtype``, ``use_cache``, ``tp``, ``allow_pickle``. Returns one ``{"token_ids", "text",
-    "stats"}`` per prompt (``token_ids``: generated ids only; ``text`` when a tokenizer is
-    present). A prompt whose tokens, suffix and ``max_new_tokens`` exceed the model's maximum
-    length is refused."""
+    ``top_p``, ``steps``, ``suffix``, ``seed``, ``stop_at_eos``, ``stop_token_ids`` (more ids that
+    end a row, as EOS does); loading options ``device``, ``dtype``, ``use_cache``, ``tp``,
+    ``allow_pickle``. Returns one ``{"token_ids", "text", "stats"}`` per prompt (``token_ids``:
+    generated ids only; ``text`` when a tokenizer is present). A prompt whose tokens, suffix and
+    ``max_new_tokens`` exceed the model's maximum length is refused."""
     load_keys = {"device", "dtype", "use_cache", "tp", "allow_pickle"}
     fields = {f.name for f in dataclasses.fields(DecodeOptions)}
     unknown = sorted(set(options) - fields - load_keys)

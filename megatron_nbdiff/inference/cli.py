@@ -3,6 +3,7 @@ Megatron checkpoint or a training run folder (its newest complete checkpoint).
 
     python tools/generate.py --model DIR --prompt "Once upon a time" [--stats]
     python tools/generate.py --model DIR --prompt-file prompts.jsonl > out.jsonl
+    python tools/generate.py --model DIR --chat [--system "Answer briefly."] --prompt "What is 23 plus 58?"
 
 ``--prompt`` prints the generated text (``--stats``: one more line with forward passes, tokens
 per forward and tokens/s). ``--prompt-file`` reads JSONL lines with a ``prompt`` field (text) or
@@ -13,6 +14,13 @@ anything is decoded. HF weights are read from safetensors only; ``--allow-pickle
 directory that has only ``pytorch_model.bin`` load it (a pickle can run code: only for a file you
 trust). Run through :func:`megatron_nbdiff.cli.run_main`: exit status 0 done, 2 bad input (one
 ``error:`` line), 1 a file-system error, 130 interrupted.
+
+``--chat`` (instruction-tuned models): every prompt is a user message (``--system`` adds a system
+message before it; a prompt-file line may carry its own ``system``), rendered with the
+checkpoint tokenizer's chat template and its generation prompt; decoding stops at the template's
+end-of-turn token or EOS, and the printed text leaves the stop token out (JSON lines add
+``prompt_ids`` and ``stopped``). A tokenizer without a chat template is refused
+(:mod:`megatron_nbdiff.inference.chat`).
 """
 from __future__ import annotations
 
@@ -56,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="let an HF directory without safetensors load its pytorch_model.bin (trusted files only)")
     p.add_argument("--stats", action="store_true")
+    p.add_argument("--chat", action="store_true",
+                   help="prompts are user messages rendered with the tokenizer's chat template; stop at end of turn")
+    p.add_argument("--system", default=None, help="--chat: a system message before every prompt")
     return p
 
 
@@ -88,13 +99,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 steps=args.steps, seed=args.seed)
     checked = DecodeOptions(suffix=args.suffix, **opts)
     checked.validate()
+    if args.system is not None and not args.chat:
+        raise DecodingError("--system applies to --chat only")
+    if args.chat and args.suffix is not None:
+        raise DecodingError("--chat generates the assistant turn after the prompt; --suffix (infilling) does not apply")
     numbered = read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
+    if args.chat and numbered is not None:
+        _check_chat_rows(args.prompt_file, numbered)
     compat.install_safe_loading()
     runner = load_runner(args.model, dtype=args.dtype, use_cache=not args.no_cache,
                          allow_pickle=args.allow_pickle)
     shown = warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
+        if args.chat:
+            return _chat(args, runner, numbered, opts)
         if numbered is None:
             out = generate(runner, [args.prompt], suffix=args.suffix, **opts)[0]
             print(out.get("text", " ".join(map(str, out["token_ids"]))))
@@ -118,6 +137,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     finally:
         warnings.formatwarning = shown
+
+
+def _check_chat_rows(path: str, numbered: list) -> None:
+    """Every line of a ``--chat`` prompt file has a text ``prompt`` and at most a text ``system``."""
+    for n, row in numbered:
+        if not isinstance(row.get("prompt"), str):
+            found = "prompt_ids" if "prompt_ids" in row else f"prompt of type {type(row.get('prompt')).__name__}"
+            raise DecodingError(f"{path} line {n}: --chat needs a text 'prompt' (the user message), found {found}")
+        if "suffix" in row:
+            raise DecodingError(f"{path} line {n}: 'suffix' (infilling) does not apply to --chat")
+        if "system" in row and not isinstance(row["system"], str):
+            raise DecodingError(f"{path} line {n}: field 'system' must be a string, found "
+                                f"{type(row['system']).__name__}")
+
+
+def _chat(args, runner, numbered, opts: dict) -> int:
+    """``--chat``: render, check every prompt, then decode (module docstring)."""
+    from .api import check_mode, prepare_prompts
+    from .chat import ChatTemplate, generate_chat, user_conversation
+    from .decode import DecodeOptions
+
+    check_mode(runner.info, args.mode)
+    template = ChatTemplate.of(runner)
+    if numbered is None:
+        out = generate_chat(runner, [args.prompt], system=args.system, template=template, **opts)[0]
+        print(out["text"])
+        if args.stats:
+            print(_stats_line(out["stats"]))
+        return 0
+    rows = []
+    for n, row in numbered:  # every prompt checked before the first line is written
+        label = f"{args.prompt_file} line {n}"
+        messages = user_conversation(row["prompt"], row.get("system", args.system))
+        ids = template.prompt_ids(messages, where=label)
+        prepare_prompts(runner, [ids], None, DecodeOptions(**opts), labels=[label])
+        rows.append((row, messages))
+    for start in range(0, len(rows), args.batch_size):
+        group = rows[start:start + args.batch_size]
+        outs = generate_chat(runner, [m for _, m in group], template=template, **opts)
+        for (row, _), out in zip(group, outs):
+            print(json.dumps(dict(row, **out)), flush=True)
+    return 0
 
 
 console_main = entry(main)  # the ``nbdiff-generate`` console script

@@ -53,6 +53,9 @@ class DecodeOptions:
     """Full-sequence mode: ids after the span to fill (infilling)."""
     seed: int = 0
     stop_at_eos: bool = True
+    stop_token_ids: Sequence[int] = ()
+    """Ids that end a row like EOS does (with ``stop_at_eos``), e.g. a chat template's end-of-turn
+    token (:mod:`megatron_nbdiff.inference.chat`); the output keeps the stop token."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +78,8 @@ class DecodeOptions:
             raise DecodingError(f"steps must be >= 1, found {self.steps}")
         if self.suffix is not None and self.mode != "full":
             raise DecodingError("suffix (infilling) needs mode 'full'")
+        if any(isinstance(t, bool) or not hasattr(t, "__index__") or int(t) < 0 for t in self.stop_token_ids):
+            raise DecodingError(f"stop_token_ids must be non-negative token ids, found {list(self.stop_token_ids)}")
 
 
 @dataclasses.dataclass
@@ -131,6 +136,11 @@ def _generator(opts: DecodeOptions, device) -> Optional[torch.Generator]:
     return torch.Generator(device=device).manual_seed(opts.seed)
 
 
+def _stop_ids(runner: ModelRunner, opts: DecodeOptions) -> tuple:
+    """EOS ids of the model and the caller's extra stop ids."""
+    return tuple(runner.info.eos_token_ids) + tuple(int(t) for t in opts.stop_token_ids)
+
+
 def _truncate(ids: list, eos: tuple, stop: bool) -> tuple[list, bool]:
     if stop:
         for i, t in enumerate(ids):
@@ -147,7 +157,7 @@ def block_decode(runner: ModelRunner, prompts: Sequence[Sequence[int]], opts: De
         raise DecodingError(f"{runner.info.source}: no mask token id, so block sizes > 1 cannot decode")
     if opts.sub_blocks > block_size:
         raise DecodingError(f"sub_blocks {opts.sub_blocks} exceeds the block size {block_size}")
-    eos = runner.info.eos_token_ids
+    eos = _stop_ids(runner, opts)
     gen = _generator(opts, runner.device)
     t0 = time.perf_counter()
     logits = runner.prefill(prompts)
@@ -247,7 +257,7 @@ def full_decode(runner: ModelRunner, prompts: Sequence[Sequence[int]], opts: Dec
         commit &= span_masked
         ids[:, P:P + N] = torch.where(commit, tok, ids[:, P:P + N])
         masked[:, P:P + N] &= ~commit
-    eos = runner.info.eos_token_ids
+    eos = _stop_ids(runner, opts)
     out = []
     for i in range(b):
         span = ids[i, P:P + N].tolist()
