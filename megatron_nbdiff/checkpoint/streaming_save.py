@@ -68,8 +68,8 @@ def entries_of(sharded_state_dict: dict) -> tuple[dict[str, StoredTensor], list[
         if isinstance(value, ShardedTensor):
             if not is_main_replica(value.replica_id):
                 continue
-            if value.flattened_range is not None:
-                raise NotImplementedError(f"{name}: flattened shards are not planned here")
+            if value.flattened_range is not None:  # only optimizer states are flattened: a bug
+                raise RuntimeError(f"{name}: a flattened shard in a model's state dict")
             prepend = value.prepend_axis_num
             shape = (1,) * prepend + tuple(value.local_shape)
             tensors[name] = StoredTensor(value.key, tuple(value.global_shape), tuple(value.global_offset),
