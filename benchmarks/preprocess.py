@@ -20,7 +20,8 @@ script (seed 0) into a temporary folder (``--workdir`` to keep it). Tokenizer: a
   encodings dropped before the next batch, as tokens/s; the tokenizer is loaded afresh (untimed)
   before every run, so that its word cache starts empty as in the pipeline.
 
-Each figure is the median of ``--repeats`` runs, the pipeline and ceiling runs interleaved. Printed: both rates, the speed-up
+Each figure is the median of ``--repeats`` runs, the pipeline and ceiling runs interleaved.
+Printed: both rates, the speed-up
 pipeline(N) / pipeline(1) (target at N = 2: at least 1.7) and pipeline(N) / ceiling(N) (target:
 at least 0.8), and the load average before and after (wall-time rates are only meaningful on an
 otherwise idle machine). Also the same rates per CPU second (user + system time of all threads
