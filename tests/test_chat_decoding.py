@@ -15,10 +15,11 @@ import torch
 
 from megatron_nbdiff.cli import run_main
 from megatron_nbdiff.data import Tokenizer
-from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
 from megatron_nbdiff.inference import DecodingError, ModelRunner, RunnerInfo, generate
 from megatron_nbdiff.inference.chat import ChatTemplate, generate_chat, user_conversation
 from megatron_nbdiff.inference.cli import main as generate_main
+
+from _chat_fixtures import CHATML, chatml, make_chat_tokenizer
 
 try:
     import lm_eval  # noqa: F401
@@ -29,28 +30,11 @@ except ImportError:
 needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not installed (requirements-eval.txt)")
 
 WORDS = "the cat sat on a mat dog ran you are helpful what is two plus three five brief answer".split()
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BLOCK = 4
 
 
-def chatml(messages, generation_prompt=True):
-    """The ChatML text of ``messages``, written out here independently of the template."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
-
-
 def make_tokenizer(out_dir, template):
-    from transformers import AutoTokenizer
-
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
-    path = train_bpe_tokenizer(texts, 300, str(out_dir))
-    hf = AutoTokenizer.from_pretrained(path)
-    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    if template is not None:
-        hf.chat_template = template
-    hf.save_pretrained(path)
-    return path
+    return make_chat_tokenizer(out_dir, template, WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +89,13 @@ def runner(model_dirs):
 
 
 def im_end(tok):
-    return tok._hf.convert_tokens_to_ids("<|im_end|>")
+    return tok.hf.convert_tokens_to_ids("<|im_end|>")
 
 
 # -- rendering -----------------------------------------------------------------------------------------
 def test_prompt_ids_are_the_templates_rendering(runner):
     tpl = ChatTemplate.of(runner)
-    hf = runner.tokenizer._hf
+    hf = runner.tokenizer.hf
     assert tpl.end_of_turn_ids == (im_end(runner.tokenizer),)
     assert tpl.stop_ids(runner) == (im_end(runner.tokenizer),) + tuple(runner.info.eos_token_ids)
     for messages in (user_conversation("what is two plus three"),
@@ -121,7 +105,7 @@ def test_prompt_ids_are_the_templates_rendering(runner):
         ids = tpl.prompt_ids(messages)
         own = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         assert ids == list(own)
-        assert runner.tokenizer.decode(ids) == chatml(messages)
+        assert runner.tokenizer.decode(ids) == chatml(messages, True)
         header = runner.tokenizer.encode("<|im_start|>assistant\n")
         assert ids[-len(header):] == header
 
@@ -202,7 +186,7 @@ def test_decoding_stops_at_the_end_of_turn_token(tok_dir):
                                 max_new_tokens=16)[0]
         assert out["token_ids"] == body + [eot], mode
         assert out["stopped"] is True and out["text"] == tok.decode(body)
-        assert out["prompt_ids"] == tok.encode(chatml(user_conversation("what is two plus three", "be brief")))
+        assert out["prompt_ids"] == tok.encode(chatml(user_conversation("what is two plus three", "be brief"), True))
     # without the chat stop the same model runs through the end-of-turn token into the junk
     plain = generate(runner, [out["prompt_ids"]], max_new_tokens=32)[0]
     assert plain["token_ids"][:len(body) + 1 + len(junk)] == body + [eot] + junk
@@ -236,8 +220,8 @@ def test_cli_chat_prompt_file_with_a_scripted_model(tok_dir, tmp_path, monkeypat
     assert [x["text"] for x in lines] == ["five", "five"]
     assert [x["token_ids"] for x in lines] == [body + [eot]] * 2
     assert lines[1]["id"] == 7 and lines[1]["stopped"] is True
-    assert lines[0]["prompt_ids"] == tok.encode(chatml(user_conversation("what is two plus three", "be brief")))
-    assert lines[1]["prompt_ids"] == tok.encode(chatml(user_conversation("two plus three", "you are helpful")))
+    assert lines[0]["prompt_ids"] == tok.encode(chatml(user_conversation("what is two plus three", "be brief"), True))
+    assert lines[1]["prompt_ids"] == tok.encode(chatml(user_conversation("two plus three", "you are helpful"), True))
 
 
 # -- bad input -------------------------------------------------------------------------------------------
@@ -297,13 +281,13 @@ def test_adapter_renders_with_the_tokenizers_template(runner):
     from megatron_nbdiff.evaluation.lm_eval_adapter import NBDiffLM
 
     lm = NBDiffLM(model=runner)
-    hf = runner.tokenizer._hf
+    hf = runner.tokenizer.hf
     history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two plus three"}]
-    assert lm.apply_chat_template(history) == chatml(history) == hf.apply_chat_template(
+    assert lm.apply_chat_template(history) == chatml(history, True) == hf.apply_chat_template(
         history, tokenize=False, add_generation_prompt=True)
     # lm-eval's gen_prefix: the assistant turn is started and continued, not closed
     started = history + [{"role": "assistant", "content": "Answer:"}]
-    assert lm.apply_chat_template(started, add_generation_prompt=False) == chatml(history) + "Answer:"
+    assert lm.apply_chat_template(started, add_generation_prompt=False) == chatml(history, True) + "Answer:"
     assert lm.chat_template(True) == CHATML and lm.chat_template(False) is None
     assert lm.tokenizer_name == runner.info.source.replace("/", "__")
 
@@ -329,7 +313,7 @@ def test_lm_evals_own_chat_rendering_and_generation(runner):
     for sample in samples:
         (ctx, gen_kwargs), = sample["arguments"]
         user = f"Repeat the words: {sample['doc']['words']}\nAnswer:"
-        assert ctx == chatml([{"role": "system", "content": "be brief"}, {"role": "user", "content": user}])
+        assert ctx == chatml([{"role": "system", "content": "be brief"}, {"role": "user", "content": user}], True)
         ids = generate(runner, runner.tokenizer.encode(ctx), threshold=0.5, max_new_tokens=16,
                        stop_token_ids=[eot])[0]["token_ids"]
         if ids and ids[-1] in (eot,) + tuple(runner.info.eos_token_ids):

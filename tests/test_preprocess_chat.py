@@ -16,14 +16,13 @@ from megatron_nbdiff.cli import run_main
 from megatron_nbdiff.data import Tokenizer
 from megatron_nbdiff.data import preprocess as pp
 from megatron_nbdiff.data.chat import check_loss_mask, loss_mask_prefix
-from megatron_nbdiff.data.make_tokenizer import train_bpe_tokenizer
 from megatron_nbdiff.errors import DataError
+
+from _chat_fixtures import CHATML, chatml, make_chat_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
 WORDS = "the cat sat on a mat dog ran park you are helpful answer question what is two plus three five".split()
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # rewrites earlier assistant turns once a later one exists (as reasoning templates drop old thoughts)
 NOT_PREFIX_STABLE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and "
                      "not loop.last %}(earlier answer){% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
@@ -45,11 +44,6 @@ CONVERSATIONS = [
 ]
 
 
-def chatml(messages):
-    """The ChatML rendering of ``messages``, written out here independently of the template."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-
-
 def as_messages(record):
     if "messages" in record:
         return record["messages"]
@@ -58,16 +52,7 @@ def as_messages(record):
 
 
 def make_tokenizer(out_dir, template):
-    from transformers import AutoTokenizer
-
-    texts = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
-    path = train_bpe_tokenizer(texts, 300, str(out_dir))
-    hf = AutoTokenizer.from_pretrained(path)
-    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    if template is not None:
-        hf.chat_template = template
-    hf.save_pretrained(path)
-    return path
+    return make_chat_tokenizer(out_dir, template, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -125,20 +125,29 @@ def conversation_from_record(obj, where: str) -> list[dict]:
     return messages
 
 
+def chat_tokenizer(hf_tokenizer, source: str, purpose: str, error: type = TokenizerError):
+    """``hf_tokenizer`` (a Hugging Face tokenizer, or None for sentencepiece) if it can render and
+    split chats: it carries a chat template and is a fast tokenizer (character offsets find the
+    assistant spans and the end-of-turn token). Otherwise ``error`` naming ``source`` and
+    ``purpose`` (``"--format chat"``, ``"chat decoding"``: what needs it)."""
+    if hf_tokenizer is None:
+        raise error(f"{source}: a sentencepiece tokenizer has no chat template; {purpose} needs a Hugging Face "
+                    "tokenizer with one")
+    if not getattr(hf_tokenizer, "chat_template", None):
+        raise error(f"{source}: the tokenizer has no chat template (chat_template in tokenizer_config.json or "
+                    f"chat_template.jinja); {purpose} needs one")
+    if not getattr(hf_tokenizer, "is_fast", False):
+        raise error(f"{source}: {purpose} needs a fast tokenizer (tokenizer.json) for character offsets; this "
+                    "one is a slow (Python) tokenizer")
+    return hf_tokenizer
+
+
 class ChatEncoder:
     """Renders validated conversations with a Hugging Face tokenizer's chat template and encodes
     them into tokens and loss masks (module docstring)."""
 
     def __init__(self, hf_tokenizer, source: str):
-        if hf_tokenizer is None:
-            raise TokenizerError(f"{source}: a sentencepiece model has no chat template; --format chat needs "
-                                 "a Hugging Face tokenizer directory with a chat template")
-        if not getattr(hf_tokenizer, "chat_template", None):
-            raise TokenizerError(f"{source}: the tokenizer has no chat template (chat_template in "
-                                 "tokenizer_config.json or chat_template.jinja); --format chat needs one")
-        if not getattr(hf_tokenizer, "is_fast", False):
-            raise TokenizerError(f"{source}: --format chat needs a fast tokenizer (tokenizer.json) for "
-                                 "character offsets; this one is a slow (Python) tokenizer")
+        chat_tokenizer(hf_tokenizer, source, "--format chat")
         self.hf = hf_tokenizer
         self.source = source
         special = set(hf_tokenizer.all_special_ids)

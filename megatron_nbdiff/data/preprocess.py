@@ -239,9 +239,9 @@ def encode_texts(tok, texts: list[str]) -> list[list[int]]:
     batch call of the Rust tokenizer behind a fast Hugging Face tokenizer (without offsets;
     single-threaded inside a worker), of the Python tokenizer otherwise, or sentencepiece's list
     encoding."""
-    hf = getattr(tok, "_hf", None)
+    hf = tok.hf
     if hf is None:
-        return [list(ids) for ids in tok._sp.encode(texts)]
+        return [list(ids) for ids in tok.sentencepiece.encode(texts)]
     if getattr(hf, "is_fast", False):
         backend = hf.backend_tokenizer
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -378,7 +378,7 @@ def preprocess(input_path: str, tokenizer_path: str, output_prefix: str, json_ke
     if fmt == "chat":
         from .chat import ChatEncoder
 
-        chat = ChatEncoder(getattr(tok, "_hf", None), tokenizer_path)
+        chat = ChatEncoder(tok.hf, tokenizer_path)
     dtype = np.uint16 if tok.vocab_size < 65500 else np.int32
     os.makedirs(out_dir, exist_ok=True)
     tmp_prefix = temporary_prefix(output_prefix)

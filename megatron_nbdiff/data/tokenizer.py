@@ -45,6 +45,17 @@ class Tokenizer:
                 f"{path}: expected a Hugging Face tokenizer directory or a sentencepiece .model file"
             )
 
+    @property
+    def hf(self):
+        """The Hugging Face tokenizer behind this one (chat templates, special tokens, batch
+        encoding); None for a sentencepiece model."""
+        return self._hf
+
+    @property
+    def sentencepiece(self):
+        """The sentencepiece processor behind this one; None for a Hugging Face tokenizer."""
+        return self._sp
+
     def encode(self, text: str) -> list[int]:
         if self._sp is not None:
             return list(self._sp.encode(text))

@@ -43,10 +43,10 @@ def tokenizer_bos_id(tokenizer) -> Optional[int]:
     """Beginning-of-sequence id of a :class:`megatron_nbdiff.data.tokenizer.Tokenizer`, if any."""
     if tokenizer is None:
         return None
-    hf = getattr(tokenizer, "_hf", None)
+    hf = tokenizer.hf
     if hf is not None:
         return hf.bos_token_id
-    sp = getattr(tokenizer, "_sp", None)
+    sp = tokenizer.sentencepiece
     if sp is not None:
         bos = int(sp.bos_id())
         return bos if bos >= 0 else None

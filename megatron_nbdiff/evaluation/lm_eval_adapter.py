@@ -248,7 +248,7 @@ class NBDiffLM(TemplateLM):
             self._chat = ChatTemplate.of(self.runner, error=EvaluationError)
         except EvaluationError as exc:
             self._chat_error = str(exc)
-            if getattr(getattr(self.tokenizer, "_hf", None), "chat_template", None):
+            if self.tokenizer is not None and getattr(self.tokenizer.hf, "chat_template", None):
                 log.warning("nbdiff: %s; apply_chat_template cannot be used", exc)
         self._stop_ids = tuple(self._chat.end_of_turn_ids) if self._chat is not None else ()
 

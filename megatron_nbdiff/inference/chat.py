@@ -39,19 +39,11 @@ def user_conversation(user: str, system: Optional[str] = None) -> list[dict]:
 def hf_tokenizer(tokenizer, source: str, error: type = DecodingError):
     """The Hugging Face tokenizer behind a :class:`megatron_nbdiff.data.tokenizer.Tokenizer`, which
     must carry a chat template; ``error`` is raised (naming ``source``) otherwise."""
+    from ..data.chat import chat_tokenizer
+
     if tokenizer is None:
         raise error(f"{source} has no tokenizer, so it has no chat template for --chat")
-    hf = getattr(tokenizer, "_hf", None)
-    if hf is None:
-        raise error(f"{source}: a sentencepiece tokenizer has no chat template; chat decoding needs a Hugging "
-                    "Face tokenizer with one")
-    if not getattr(hf, "chat_template", None):
-        raise error(f"{source}: the tokenizer has no chat template (chat_template in tokenizer_config.json or "
-                    "chat_template.jinja); chat decoding needs one")
-    if not getattr(hf, "is_fast", False):
-        raise error(f"{source}: chat decoding needs a fast tokenizer (tokenizer.json) to find the end-of-turn "
-                    "token; this one is a slow (Python) tokenizer")
-    return hf
+    return chat_tokenizer(tokenizer.hf, source, "chat decoding", error)
 
 
 def end_of_turn_ids(hf, source: str, error: type = DecodingError) -> tuple[int, ...]:
