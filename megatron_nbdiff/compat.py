@@ -19,6 +19,11 @@ parallel pieces:
 6. With tied embeddings at PP>1, megatron-core's ``setup_embeddings_and_output_layer`` calls
    ``weight.data.cuda()`` before all-reducing the stages' copies. Shim: ``Tensor.cuda`` returns
    the tensor itself (on a CPU-only build it could only raise).
+7. Activation recomputation (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``) saves and
+   restores the CPU generator, the CUDA generator and megatron's RNG tracker around the replayed
+   forward; reading the CUDA generator raises without CUDA. Shim: the same save and restore
+   without the CUDA generator (``_get_all_rng_states`` / ``_set_all_rng_states`` of
+   ``megatron.core.tensor_parallel.random``).
 
 The CPU shims are inactive when CUDA is present: :func:`install` installs no shim and
 :func:`cpu_device_mode` is a null context.
@@ -94,8 +99,27 @@ def install() -> bool:
 
         moptimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32_cpu
         torch.Tensor.cuda = _tensor_stays_on_cpu
+        from megatron.core.tensor_parallel import random as mrandom
+
+        mrandom._get_all_rng_states = _rng_states_without_cuda
+        mrandom._set_all_rng_states = _set_rng_states_without_cuda
         _installed = True
     return True
+
+
+def _rng_states_without_cuda():
+    """Shim 7: megatron's ``(cpu state, cuda state, tracker states)`` with no CUDA state."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return torch.get_rng_state(), None, get_cuda_rng_tracker().get_states()
+
+
+def _set_rng_states_without_cuda(cpu_rng_state, cuda_rng_state, tracker_states) -> None:
+    """Shim 7: restore what :func:`_rng_states_without_cuda` saved."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(cpu_rng_state)
+    get_cuda_rng_tracker().set_states(tracker_states)
 
 
 def _tensor_stays_on_cpu(self, *args, **kwargs):

@@ -26,6 +26,12 @@ WeightMode = Literal["one", "inv_t"]
 TMode = Literal["per_block", "per_sequence"]
 TSampling = Literal["uniform", "antithetic", "stratified"]
 OptimizerFormat = Literal["dp_reshardable", "fully_reshardable"]
+Recompute = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
+# megatron-core's selective-recompute modules that this model has: no MLA; ``moe_act`` needs
+# grouped GEMM; ``layernorm`` goes through ``CheckpointWithoutOutput``, which in megatron-core
+# 0.16.1 always takes its FP8 path (``self.fp8 = fp8 is not None``) and so needs Transformer Engine
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe")
 
 
 @dataclasses.dataclass
@@ -308,6 +314,19 @@ class TrainConfig:
     """A NaN/Inf loss: 'stop' (save nothing, exit with a message) or 'skip' (drop the step)."""
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; None: 989 (H100 bf16 dense) with CUDA, no MFU on CPU."""
+    recompute: Recompute = "none"
+    """Activation recomputation (docs/training.md, "Activation recomputation"): 'none'; 'selective'
+    (megatron's selective recompute of ``recompute_modules``: the core attention, whose ``O(S^2)``
+    work is cheap to redo next to the activations it would keep, by default); 'full' (whole layers
+    are replayed in the backward pass: ``recompute_method`` and ``recompute_num_layers``)."""
+    recompute_modules: Optional[list] = None
+    """With 'selective': megatron module names among core_attn, mlp, moe; None: core_attn."""
+    recompute_method: RecomputeMethod = "uniform"
+    """With 'full': 'uniform' (the layers of a stage in groups of ``recompute_num_layers``, each
+    group's input kept) or 'block' (only the first ``recompute_num_layers`` layers of each
+    pipeline stage recomputed)."""
+    recompute_num_layers: int = 1
+    """With 'full': the group size ('uniform') or the number of recomputed layers per stage ('block')."""
 
     def __post_init__(self):
         for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp",
@@ -320,6 +339,31 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, found {getattr(self, name)}")
         if self.warmup_steps < 0 or self.eval_interval < 0 or self.wsd_decay_steps < 0:
             raise ConfigError("train.warmup_steps, eval_interval and wsd_decay_steps must be >= 0")
+        if not isinstance(self.recompute_num_layers, int) or self.recompute_num_layers < 1:
+            raise ConfigError(f"train.recompute_num_layers must be an int >= 1, found {self.recompute_num_layers!r}")
+        if self.recompute_modules is not None:
+            if self.recompute != "selective":
+                raise ConfigError(f"train.recompute_modules applies to train.recompute 'selective', not "
+                                  f"{self.recompute!r}")
+            bad = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES] if isinstance(
+                self.recompute_modules, list) else [self.recompute_modules]
+            if bad or not self.recompute_modules:
+                raise ConfigError(f"train.recompute_modules must be a non-empty list of "
+                                  f"{', '.join(RECOMPUTE_MODULES)}; found {self.recompute_modules!r}")
+
+    def recompute_overrides(self, layers_per_stage: int) -> dict:
+        """megatron ``TransformerConfig`` fields for :attr:`recompute` (a stage of
+        ``layers_per_stage`` layers); a 'block' count beyond the stage is refused."""
+        if self.recompute == "none":
+            return {}
+        if self.recompute == "selective":
+            return dict(recompute_granularity="selective",
+                        recompute_modules=list(self.recompute_modules or ["core_attn"]))
+        if self.recompute_method == "block" and self.recompute_num_layers > layers_per_stage:
+            raise ConfigError(f"train.recompute_num_layers {self.recompute_num_layers} exceeds the {layers_per_stage} "
+                              "layers of a pipeline stage (recompute_method 'block')")
+        return dict(recompute_granularity="full", recompute_method=self.recompute_method,
+                    recompute_num_layers=min(self.recompute_num_layers, layers_per_stage))
 
 
 @dataclasses.dataclass

@@ -59,6 +59,24 @@ def test_resume_is_exact(corpus, tmp_path):
     assert [a[s]["block_size"] for s in (0, 4, 8, 12, 19)] == [1, 2, 4, 8, 8]
 
 
+@pytest.mark.parametrize("recompute", [dict(recompute="selective"),
+                                       dict(recompute="full", recompute_method="uniform", recompute_num_layers=1)])
+def test_recompute_trains_exactly_as_without(corpus, tmp_path, recompute):
+    """train.recompute replays the block-diffusion layout in backward: the same losses and
+    gradient norms step for step as without recompute (tests/test_recompute.py has the gradients
+    layer by layer)."""
+    steps = dict(steps=6, warmup_steps=1)
+    plain = make_config(corpus, tmp_path / "plain", train=steps, recipe=dict(block_interval=2))
+    replay = make_config(corpus, tmp_path / "replay", train=dict(steps, **recompute), recipe=dict(block_interval=2))
+    assert run(plain)[0] == 0 and run(replay)[0] == 0
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "replay")
+    assert sorted(a) == sorted(b) == list(range(6))
+    assert [a[s]["block_size"] for s in range(6)] == [1, 1, 2, 2, 4, 4]
+    for s in range(6):
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-6, abs=0), s
+        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-5), s
+
+
 def test_block_size_one_step_equals_ar_step(corpus, tmp_path):
     from megatron.core import dist_checkpointing  # noqa: F401
 

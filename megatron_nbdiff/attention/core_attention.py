@@ -7,11 +7,14 @@ parallel rank), output ``[sq, b, np * hn]``. It has no parameters, so checkpoint
 megatron-core's layout, and works under tensor parallelism (heads split), pipeline parallelism and
 sequence parallelism (queries arrive whole after the sequence all-gather of ``linear_qkv``).
 
-The mask is not a dense tensor handed down the layer stack. The module holds a :class:`MaskSpec`
-(layout, stream length, block size, annealing step), set for every layer by the model wrapper
-before each forward; megatron's ``attention_mask`` argument carries only the optional per-sample
-document ids ``[b, L]`` (an integer tensor, so activation recomputation can save it). Both
-backends derive their masks from :func:`masks.allowed`:
+The mask is not a dense tensor handed down the layer stack. Each forward's :class:`MaskSpec`
+(layout, stream length, block size, annealing step) arrives as megatron's ``packed_seq_params``
+argument (a :class:`~megatron_nbdiff.attention.layout_params.LayoutParams`, so megatron's
+activation recomputation replays it in the backward pass); megatron's ``attention_mask`` argument
+carries only the optional per-sample document ids ``[b, L]`` (an integer tensor, so recomputation
+can save it). Without ``LayoutParams`` the module's own ``mask_spec`` applies (set by
+``NBDiffModel.attention_context``), else causal. Both backends derive their masks from
+:func:`masks.allowed`:
 
 ``dense``  SDPA with the boolean mask from the predicate: the CPU reference.
 ``flex``   FlexAttention with cached BlockMasks; dual and complementary layouts run as two calls
@@ -34,6 +37,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from ..parallel import check_parallel_sizes
 from .flex import block_mask_for, clean_part_is_causal, noisy_len
+from .layout_params import LayoutParams
 from .masks import BLOCK_LAYOUTS, MaskSpec, dense_allowed_from_spec
 
 BACKENDS = ("dense", "flex")
@@ -183,15 +187,20 @@ class BlockDiffusionAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
+        if attention_bias is not None:
+            raise ValueError("BlockDiffusionAttention takes no attention_bias")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, LayoutParams):
             raise ValueError(
-                "BlockDiffusionAttention takes no attention_bias or packed_seq_params; pass document "
-                "ids as attention_mask for packed documents"
+                "BlockDiffusionAttention takes no THD packed_seq_params; pass document ids as attention_mask "
+                "for packed documents and the layout as LayoutParams"
             )
         sq, b, nh, hn = query.shape
         if self.inference is not None:
             return self._inference_forward(query, key, value)
-        spec = self.mask_spec if self.mask_spec is not None else MaskSpec("causal", sq)
+        if packed_seq_params is not None:  # the layout of this forward, an argument (layout_params.py)
+            spec = packed_seq_params.mask_spec
+        else:
+            spec = self.mask_spec if self.mask_spec is not None else MaskSpec("causal", sq)
         if spec.total_len != sq or key.shape[0] != sq:
             raise ValueError(
                 f"attention over {sq} queries and {key.shape[0]} keys does not match layout "

@@ -2,7 +2,9 @@
 
 :class:`NBDiffModel` takes clean ids (and noisy ids for dual layouts), a layout and a block size.
 For dual layouts it builds ``[x_t ; x_0]`` (``2L`` tokens) with position ids ``0..L-1`` for both
-halves, runs the GPT model with every core attention set to the layout's mask, and returns the
+halves, runs the GPT model with the layout's mask spec as an argument of every core attention
+(megatron's ``packed_seq_params``, see ``attention/layout_params.py``: activation recomputation
+replays it in the backward pass), and returns the
 noisy-stream and clean-stream logits separately. Complementary layouts (training with
 complementary masks, docs/method.md "Instruction tuning") also take ``complement_ids`` and run
 ``[x_t ; x_t' ; x_0]`` (``3L``, positions ``0..L-1`` three times); the second view's logits come
@@ -22,6 +24,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from ..attention.core_attention import BlockDiffusionAttention
+from ..attention.layout_params import layout_params
 from ..attention.masks import COMPLEMENTARY_LAYOUTS, DUAL_LAYOUTS, MaskSpec, check_layout
 from ..config import ModelConfig
 from .rope import inverse_frequencies
@@ -148,10 +151,12 @@ class NBDiffModel(MegatronModule):
 
     @contextlib.contextmanager
     def attention_context(self, spec: Optional[MaskSpec] = None, inference=None) -> Iterator[None]:
-        """Per-call attention state for one forward: every layer's core attention sees the mask
-        ``spec`` (training, evaluation) or the decoding state ``inference`` (a KV cache and an
-        explicit mask, :class:`~megatron_nbdiff.attention.core_attention.KVInference`), and both
-        are reset when the block ends, whatever happens inside it."""
+        """Attention state for calls to ``self.gpt`` inside the block: the decoding state
+        ``inference`` (a KV cache and an explicit mask,
+        :class:`~megatron_nbdiff.attention.core_attention.KVInference`, used by the decoding runner)
+        or a mask ``spec`` for direct calls (``forward`` passes its spec as an argument instead);
+        both are reset when the block ends, whatever happens inside it. Not for training with
+        activation recomputation, which replays layers after the block has ended."""
         for module in self._core_attention:
             module.mask_spec, module.inference = spec, inference
         try:
@@ -214,8 +219,7 @@ class NBDiffModel(MegatronModule):
             raise ValueError(f"doc_ids must have shape {(b, L)}, found {tuple(doc_ids.shape)}")
         positions = torch.arange(L, device=ids.device).repeat(spec.streams)
         position_ids = positions.unsqueeze(0).expand(b, -1)
-        with self.attention_context(spec):
-            out = self.gpt(ids, position_ids, doc_ids)
+        out = self.gpt(ids, position_ids, doc_ids, packed_seq_params=layout_params(spec))
         if not self.post_process:
             return StreamLogits(hidden=out)
         # out: [b, S, V_padded or V_partition]
