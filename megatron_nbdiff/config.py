@@ -315,7 +315,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU; None: 989 (H100 bf16 dense) with CUDA, no MFU on CPU."""
     recompute: Recompute = "none"
-    """Activation recomputation (docs/training.md, "Activation recomputation"): 'none'; 'selective'
+    """Activation recomputation (docs/architecture.md, "Activation recomputation"): 'none'; 'selective'
     (megatron's selective recompute of ``recompute_modules``: the core attention, whose ``O(S^2)``
     work is cheap to redo next to the activations it would keep, by default); 'full' (whole layers
     are replayed in the backward pass: ``recompute_method`` and ``recompute_num_layers``)."""

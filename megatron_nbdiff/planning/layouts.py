@@ -17,6 +17,8 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
 
 RECOMPUTE = ("none", "selective", "full")
+# what a planned ``selective`` recomputes: the run config's train.recompute_modules
+SELECTIVE_MODULES = ("core_attn", "mlp")
 
 # recipe -> (attention layout, streams through the layers)
 RECIPES = {

@@ -17,8 +17,13 @@ layer keeps ``s * b / t`` times (bf16 = 2 bytes a value):
   attention and again as ``linear_proj``'s input (4ad... 2ad each), its fp32 log-sum-exp (4a), the
   SwiGLU's ``fc1`` output (4f), ``silu`` output (2f) and product (``fc2`` input, 2f), and the
   norms' fp32 ``1/rms`` (8); Qwen3-style q/k norms add ``2(a+g)d``.
-* ``selective`` (core attention, norms and the SwiGLU activation recomputed):
-  ``4h + 4ad + 4gd + 4f``.
+* ``selective`` (the run config's ``train.recompute: selective`` with ``recompute_modules:
+  [core_attn, mlp]``, :data:`.layouts.SELECTIVE_MODULES`: megatron replays the core attention and the
+  whole SwiGLU MLP in the backward pass, keeping their inputs): ``8h + 4ad + 4gd + 8`` — the
+  norms and their outputs as before, ``Q, K, V`` (the core attention's saved inputs) and the
+  attention output as ``linear_proj``'s input, the ``1/rms`` values; no log-sum-exp, no ``8f``.
+  (Recomputing only the norms and the SwiGLU activation, Korthikanti's cheaper selective set,
+  is not available for a dense MLP in megatron-core 0.16.1, so it is not planned.)
 * ``full`` (megatron's uniform method, one layer per checkpoint): the layer input ``2h``, plus
   one layer's ``none`` activations while it is recomputed in the backward pass.
 
@@ -81,7 +86,7 @@ def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str) -> int:
     if recompute == "none":
         return 8 * h + 6 * a * d + 4 * g * d + 8 * f + 4 * a + 8 + qk
     if recompute == "selective":
-        return 4 * h + 4 * a * d + 4 * g * d + 4 * f + qk
+        return 8 * h + 4 * a * d + 4 * g * d + 8 + qk
     if recompute == "full":
         return 2 * h
     raise ValueError(f"unknown recompute {recompute!r}")

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..config import RunConfig, TrainConfig
 from ..fileio import atomic_write, save_figure
-from .layouts import Cluster, Workload
+from .layouts import SELECTIVE_MODULES, Cluster, Workload
 from .memory import GIB
 from .planner import Plan
 from .shapes import ModelSource
@@ -65,6 +65,10 @@ def run_config(p: Plan, source: ModelSource, work: Workload, data: Optional[list
     for name, value, default in (("cp", lay.cp, 1), ("vpp", lay.vpp, 1), ("recompute", lay.recompute, "none")):
         if name in have and value != default:
             train[name] = value
+    if train.get("recompute") == "selective":  # what the memory model assumes (memory.py)
+        train["recompute_modules"] = list(SELECTIVE_MODULES)
+    elif train.get("recompute") == "full":
+        train.update(recompute_method="uniform", recompute_num_layers=1)
     cfg: dict = {}
     if source.kind != "checkpoint":
         cfg["model"] = source.model.to_dict()

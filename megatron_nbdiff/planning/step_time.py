@@ -11,7 +11,8 @@ run both streams, so their ``T`` is doubled):
   annealed layout is counted at its end, bidirectional: ``L^2``): forward ``4 * pairs * a * d``
   per layer, backward twice that;
 * recomputation adds a forward: ``selective`` the core attention (``4 * pairs * a * d`` per
-  layer), ``full`` the whole layer (``2 * N_layers * T`` plus the attention forward).
+  layer) and the MLP (``2 * 3hf * T`` per layer), ``full`` the whole layer (``2 * N_layers * T``
+  plus the attention forward).
 
 Compute time is the hardware FLOPs over ``world * peak * mfu`` (``mfu``: what the GPUs reach while
 computing), stretched by the pipeline bubble ``(p - 1) / (v * m)``. Communication (bus bandwidth
@@ -19,7 +20,8 @@ computing), stretched by the pipeline bubble ``(p - 1) / (v * m)``. Communicatio
 ranks TP, CP, DP, PP from fastest-varying) is added where the trainer does not overlap it:
 
 * TP with sequence parallelism: per layer and micro-batch, 4 all-gathers / reduce-scatters of the
-  ``s x b x h`` activation forward and 4 backward (4 more with ``full``), each moving
+  ``s x b x h`` activation forward and 4 backward (2 more with ``selective``, the MLP's, and 4 more
+  with ``full``), each moving
   ``(t - 1)/t`` of it;
 * CP: per layer and micro-batch, the key/value all-gather forward, its reduce-scatter backward,
   and the gather again when attention is recomputed;
@@ -94,7 +96,8 @@ def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster)
     flops, attn_fwd = model_flops(mc, work)
     layers, _ = matmul_params(mc)
     tokens = work.global_batch * work.streams * work.seq_len
-    extra = {"none": 0.0, "selective": attn_fwd, "full": 2 * layers * tokens + attn_fwd}[layout.recompute]
+    mlp_fwd = 2 * 3 * mc.hidden_size * mc.ffn_hidden_size * mc.num_layers * tokens
+    extra = {"none": 0.0, "selective": attn_fwd + mlp_fwd, "full": 2 * layers * tokens + attn_fwd}[layout.recompute]
     compute = (flops + extra) / (cluster.world * cluster.peak_tflops * 1e12 * cluster.mfu)
     bubble = compute * (p - 1) / (v * m)
 
@@ -103,7 +106,7 @@ def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster)
     act = s * b * mc.hidden_size * 2
     tp_comm = 0.0
     if t > 1:
-        collectives = 12 if layout.recompute == "full" else 8
+        collectives = {"none": 8, "selective": 10, "full": 12}[layout.recompute]
         tp_comm = collectives * (t - 1) / t * act * layers_per_stage * m / _bandwidth(cluster, t)
     cp_comm = 0.0
     if cp > 1:
