@@ -54,3 +54,69 @@ def attention_vs_reference(rank, L=16, b=2, hq=4, hkv=2, d=8):
                     flex = cp_attention(*[t.detach() for t in loc_in], spec, group, doc_ids, "flex")
                 results[name]["flex_out"] = (flex - ref[:, :, idx]).abs().max().item()
     return results
+
+
+MODEL_LAYOUTS = [("dual_context_causal", True), ("dual_block_causal", False), ("complementary_context_causal", True),
+                 ("causal", True), ("single_annealed", False)]
+
+
+def model_vs_reference(rank, world, port, L=16, B=4):
+    """A tiny NBDiffModel at CP=2 (megatron's parallel state with context_parallel_size=2)
+    against the same weights at CP=1 in the same process: this rank's logits at its positions,
+    and the weight gradients summed over the CP ranks against the CP=1 gradients (loss: a fixed
+    random projection of every stream's logits)."""
+    from megatron.core import parallel_state
+
+    from megatron_nbdiff import compat
+    from megatron_nbdiff.config import ModelConfig
+    from megatron_nbdiff.models import NBDiffModel
+
+    compat.install()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=world)
+    vocab, mask = 53, 52
+    mc = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+                     ffn_hidden_size=48, max_seq_len=L)
+    torch.manual_seed(0)
+    model = NBDiffModel(mc, mc.transformer_config(context_parallel_size=world))
+    reference = NBDiffModel(mc, mc.transformer_config())
+    reference.load_state_dict(model.state_dict())
+    assert model.cp_group is not None and reference.cp_group is None
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, mask, (2, L), generator=g)
+    noisy = torch.where(torch.rand(x.shape, generator=g) < 0.5, torch.full_like(x, mask), x)
+    other = torch.where(noisy == mask, x, torch.full_like(x, mask))
+    doc_ids = (torch.arange(L) >= 7).long().expand(2, -1).contiguous()
+    results = {}
+    for layout, docs in MODEL_LAYOUTS:
+        kw = dict(layout=layout, doc_ids=doc_ids if docs else None)
+        if layout.startswith(("dual", "complementary")):
+            args = (x, noisy)
+            kw["block_size"] = B
+            if layout.startswith("complementary"):
+                kw["complement_ids"] = other
+        elif layout == "causal":
+            args = (x,)
+        else:
+            args, kw = (), dict(kw, noisy_ids=noisy, anneal_step=2, anneal_steps=5)
+        streams = [s for s in ("noisy", "complement", "clean")]
+        w = {s: torch.randn(2, L, vocab, generator=torch.Generator().manual_seed(9 + i)) for i, s in enumerate(streams)}
+        for m in (model, reference):
+            m.zero_grad(set_to_none=True)
+        out = model(*args, **kw)
+        ref = reference(*args, **kw)
+        pos = out.positions
+        loss = sum((getattr(out, s) * w[s][:, pos]).sum() for s in streams if getattr(out, s) is not None)
+        ref_loss = sum((getattr(ref, s) * w[s]).sum() for s in streams if getattr(ref, s) is not None)
+        loss.backward()
+        ref_loss.backward()
+        logit_err = max((getattr(out, s) - getattr(ref, s)[:, pos]).abs().max().item()
+                        for s in streams if getattr(out, s) is not None)
+        grad_err, scale = 0.0, 0.0
+        for p, r in zip(model.parameters(), reference.parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            grad_err = max(grad_err, (grad - r.grad).abs().max().item())
+            scale = max(scale, r.grad.abs().max().item())
+        results[layout] = dict(logits=logit_err, grads=grad_err, grad_scale=scale, positions=pos.tolist())
+    return results

@@ -29,3 +29,16 @@ def test_cp2_attention_equals_one_process(tmp_path):
                 assert r[f"grad_{g}"] < 1e-5 * max(1.0, r["grad_scale"]), (rank, name, g, r)
             if "flex_out" in r:
                 assert r["flex_out"] < 1e-5, (rank, name, r)
+
+
+def test_cp2_model_equals_cp1(tmp_path):
+    """NBDiffModel at CP=2: each rank's logits are the CP=1 logits at its positions, and the
+    weight gradients summed over the CP ranks are the CP=1 gradients, in dual, complementary,
+    causal and annealed layouts, with document masks."""
+    results = run_world("_cp_workers", "model_vs_reference", str(tmp_path), init=False)
+    assert [r["causal"]["positions"] for r in results] == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
+    for rank, per_layout in enumerate(results):
+        assert len(per_layout) == 5
+        for layout, r in per_layout.items():
+            assert r["logits"] < 1e-5, (rank, layout, r)
+            assert r["grads"] < 1e-5 * max(1.0, r["grad_scale"]), (rank, layout, r)

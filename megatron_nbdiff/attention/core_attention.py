@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.flex_attention import flex_attention
 
 from ..parallel import check_parallel_sizes
+from .context_parallel import cp_attention
 from .flex import block_mask_for, clean_part_is_causal, noisy_len
 from .layout_params import LayoutParams
 from .masks import BLOCK_LAYOUTS, MaskSpec, dense_allowed_from_spec
@@ -144,11 +145,6 @@ class BlockDiffusionAttention(MegatronModule):
         super().__init__(config=config)
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context parallelism is not supported with block-diffusion attention yet "
-                f"(context_parallel_size={config.context_parallel_size}); use 1"
-            )
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
@@ -160,8 +156,10 @@ class BlockDiffusionAttention(MegatronModule):
         if getattr(config, "window_size", None) is not None:
             raise ValueError("sliding-window attention is not supported with block-diffusion layouts")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        # context parallelism (context_parallel.py): this rank holds 1/cp of every stream
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         check_parallel_sizes(config, tp=tp)  # heads and query groups split evenly over TP
         self.backend = backend
         self.layer_number = layer_number
@@ -201,17 +199,21 @@ class BlockDiffusionAttention(MegatronModule):
             spec = packed_seq_params.mask_spec
         else:
             spec = self.mask_spec if self.mask_spec is not None else MaskSpec("causal", sq)
-        if spec.total_len != sq or key.shape[0] != sq:
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        if spec.total_len != sq * cp or key.shape[0] != sq:
             raise ValueError(
                 f"attention over {sq} queries and {key.shape[0]} keys does not match layout "
-                f"{spec.layout!r} with {spec.total_len} positions"
+                f"{spec.layout!r} with {spec.total_len} positions" + (f" over {cp} CP ranks" if cp > 1 else "")
             )
         doc_ids = validate_doc_ids(attention_mask)
         # [s, b, h, d] -> [b, h, s, d]
         q = query.permute(1, 2, 0, 3)
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
-        out = block_diffusion_attention(q, k, v, spec, doc_ids, self.backend, self.softmax_scale)
+        if cp > 1:
+            out = cp_attention(q, k, v, spec, self.cp_group, doc_ids, self.backend, self.softmax_scale)
+        else:
+            out = block_diffusion_attention(q, k, v, spec, doc_ids, self.backend, self.softmax_scale)
         # [b, h, s, d] -> [s, b, h * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, nh * hn)
 

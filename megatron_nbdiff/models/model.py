@@ -23,9 +23,10 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
+from ..attention.context_parallel import check_split, local_positions
 from ..attention.core_attention import BlockDiffusionAttention
 from ..attention.layout_params import layout_params
-from ..attention.masks import COMPLEMENTARY_LAYOUTS, DUAL_LAYOUTS, MaskSpec, check_layout
+from ..attention.masks import BLOCK_LAYOUTS, COMPLEMENTARY_LAYOUTS, DUAL_LAYOUTS, MaskSpec, check_layout
 from ..config import ModelConfig
 from .rope import inverse_frequencies
 from .spec import get_nbdiff_block_spec
@@ -73,6 +74,9 @@ class StreamLogits:
     hidden: Optional[torch.Tensor] = None
     complement: Optional[torch.Tensor] = None
     """The second noisy view's logits (complementary layouts only)."""
+    positions: Optional[torch.Tensor] = None
+    """Under context parallelism, the positions ``[L/cp]`` of every stream this rank computed
+    (the logits hold those positions, in this order); None: all ``L`` positions in order."""
 
 
 def _check_ids(name: str, ids: Optional[torch.Tensor]) -> None:
@@ -138,6 +142,15 @@ class NBDiffModel(MegatronModule):
         self._core_attention = [
             m for m in self.gpt.modules() if isinstance(m, BlockDiffusionAttention)
         ]
+        # context parallelism: every forward runs this rank's share of each stream's positions
+        self.cp_group = None
+        if transformer_config.context_parallel_size > 1:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            self.cp_group = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["cp"]).cp
+        # RoPE follows position_ids (under CP: this rank's global positions), so megatron's own
+        # per-CP-rank slicing of the table must stay off
+        self.gpt.rotary_pos_emb.cp_group = None
 
     # megatron-core plumbing: pipeline input, checkpoint layout without a wrapper prefix.
     def set_input_tensor(self, input_tensor) -> None:
@@ -217,7 +230,16 @@ class NBDiffModel(MegatronModule):
         spec = MaskSpec(layout, L, block_size, anneal_step, anneal_steps, anneal_seed)
         if doc_ids is not None and tuple(doc_ids.shape) != (b, L):
             raise ValueError(f"doc_ids must have shape {(b, L)}, found {tuple(doc_ids.shape)}")
-        positions = torch.arange(L, device=ids.device).repeat(spec.streams)
+        local = None
+        if self.cp_group is not None:  # this rank's positions of every stream (context_parallel.py)
+            cp = self.cp_group.size()
+            check_split(L, cp, block_size if layout in BLOCK_LAYOUTS else 1)
+            local = local_positions(L, cp, self.cp_group.rank(), ids.device)
+            ids = ids[:, torch.cat([s * L + local for s in range(spec.streams)])]
+            positions = local.repeat(spec.streams)
+            L = local.numel()
+        else:
+            positions = torch.arange(L, device=ids.device).repeat(spec.streams)
         position_ids = positions.unsqueeze(0).expand(b, -1)
         out = self.gpt(ids, position_ids, doc_ids, packed_seq_params=layout_params(spec))
         if not self.post_process:
@@ -226,9 +248,9 @@ class NBDiffModel(MegatronModule):
         if not self.parallel_output:
             out = out[..., : self.model_config.vocab_size]
         if complementary:
-            return StreamLogits(noisy=out[:, :L], complement=out[:, L:2 * L], clean=out[:, 2 * L:])
+            return StreamLogits(noisy=out[:, :L], complement=out[:, L:2 * L], clean=out[:, 2 * L:], positions=local)
         if dual:
-            return StreamLogits(noisy=out[:, :L], clean=out[:, L:])
+            return StreamLogits(noisy=out[:, :L], clean=out[:, L:], positions=local)
         if layout == "causal":
-            return StreamLogits(clean=out)
-        return StreamLogits(noisy=out)
+            return StreamLogits(clean=out, positions=local)
+        return StreamLogits(noisy=out, positions=local)
