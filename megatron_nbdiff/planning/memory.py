@@ -14,7 +14,7 @@ layer keeps ``s * b / t`` times (bf16 = 2 bytes a value):
 
 * ``recompute=none``: ``8h + 6ad + 4gd + 8f + 4a + 8`` — the two norm inputs and the two linear
   inputs they feed (2h each), ``Q`` (2ad), ``K, V`` (4gd), the attention output kept by the core
-  attention and again as ``linear_proj``'s input (4ad... 2ad each), its fp32 log-sum-exp (4a), the
+  attention and again as ``linear_proj``'s input (2ad each, 4ad together), its fp32 log-sum-exp (4a), the
   SwiGLU's ``fc1`` output (4f), ``silu`` output (2f) and product (``fc2`` input, 2f), and the
   norms' fp32 ``1/rms`` (8); Qwen3-style q/k norms add ``2(a+g)d``.
 * ``selective`` (the run config's ``train.recompute: selective`` with ``recompute_modules:
