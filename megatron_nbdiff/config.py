@@ -302,6 +302,10 @@ class TrainConfig:
     """Pipeline-parallel size."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (with tp > 1)."""
+    cp: int = 1
+    """Context-parallel size: every stream's positions split over ``cp`` ranks (megatron's
+    load-balanced split into ``2 cp`` chunks; ``seq_len`` a multiple of ``2 cp`` times the largest
+    block size). docs/architecture.md, "Context parallelism"."""
     dtype: Dtype = "auto"
     """'auto' (bf16 with CUDA, fp32 without), 'bf16' or 'fp32'."""
     log_interval: int = 1
@@ -329,7 +333,7 @@ class TrainConfig:
     """With 'full': the group size ('uniform') or the number of recomputed layers per stage ('block')."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp",
+        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp", "cp",
                      "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, found {getattr(self, name)}")

@@ -22,12 +22,18 @@ def _free_port() -> int:
 def check_parallel_sizes(model, tp: int = 1, pp: int = 1, cp: int = 1, ep: int = 1,
                          world_size: Optional[int] = None) -> None:
     """The one check of a parallel layout against a model (a ModelConfig) and a world size:
-    TP divides the attention heads and the query groups, PP divides the layers, and
-    TP x PP x CP divides the world (the rest is data parallelism); EP must divide the data-parallel
-    size (megatron's expert groups are carved from it). Raises ConfigError naming the sizes."""
+    TP divides the attention heads and the query groups, PP divides the layers, EP (expert
+    parallelism) divides the experts of a MoE model (and is 1 for a dense one), and TP x PP x CP
+    divides the world (the rest is data parallelism); EP must divide the data-parallel size
+    (megatron's expert groups are carved from it). Raises ConfigError naming the sizes."""
     for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp), ("expert", ep)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} parallel size must be a positive int, found {value!r}")
+    experts = getattr(model, "num_experts", None)  # a ModelConfig; None: a dense model
+    if ep > 1 and experts is None:
+        raise ConfigError(f"expert parallel size {ep} needs a mixture-of-experts model; this one is dense")
+    if experts is not None and experts % ep != 0:
+        raise ConfigError(f"expert parallel size {ep} does not divide num_experts={experts}")
     if model.num_attention_heads % tp != 0:
         raise ConfigError(f"tensor parallel size {tp} does not divide num_attention_heads={model.num_attention_heads}")
     if model.num_query_groups % tp != 0:
@@ -52,9 +58,16 @@ def initialize_parallel(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     seed: int = 1234,
+    ep: int = 1,
+    cp: int = 1,
 ) -> None:
     """Initialise torch.distributed (NCCL with CUDA, gloo without) and megatron's model-parallel
-    groups. Without ``init_method`` and outside torchrun it starts a one-process group."""
+    groups, with ``ep``-way expert parallelism (megatron-core carves the expert-parallel groups
+    out of the data-parallel ranks: ``tp x pp x ep`` must divide the world; expert tensor
+    parallelism equals ``tp``), and ``cp``-way context parallelism (every CP rank of a data-parallel
+    rank reads the same samples and holds its share of their positions:
+    ``megatron_nbdiff/attention/context_parallel.py``; ``tp x cp x pp`` must divide the world).
+    Without ``init_method`` and outside torchrun it starts a one-process group."""
     from megatron.core import parallel_state
 
     compat.install()
@@ -64,9 +77,19 @@ def initialize_parallel(
         rank = int(os.environ.get("RANK", "0"))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size % (tp * pp) != 0:
+    if not isinstance(cp, int) or isinstance(cp, bool) or cp < 1:
+        raise ConfigError(f"context parallel size must be a positive int, found {cp!r}")
+    if world_size % (tp * pp * cp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor parallel {tp} x pipeline parallel {pp}"
+            + (f" x context parallel {cp}" if cp > 1 else "")
+        )
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise ConfigError(f"expert parallel size must be a positive int, found {ep!r}")
+    if (world_size // (tp * pp)) % ep != 0:  # megatron carves expert groups out of the DP x CP ranks
+        raise ConfigError(
+            f"expert parallel size {ep} does not divide world size {world_size} / (tensor parallel {tp} x "
+            f"pipeline parallel {pp}) = {world_size // (tp * pp)}"
         )
     if not dist.is_initialized():
         if init_method is None and "MASTER_ADDR" not in os.environ:
@@ -86,7 +109,8 @@ def initialize_parallel(
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        context_parallel_size=cp,
     )
     compat.seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
 

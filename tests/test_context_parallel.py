@@ -42,3 +42,62 @@ def test_cp2_model_equals_cp1(tmp_path):
         for layout, r in per_layout.items():
             assert r["logits"] < 1e-5, (rank, layout, r)
             assert r["grads"] < 1e-5 * max(1.0, r["grad_scale"]), (rank, layout, r)
+
+
+@pytest.mark.parametrize("recipe", [dict(name="nbdiff", block_size=4), dict(name="diffullama", anneal_steps=4)])
+def test_cp2_training_equals_cp1_and_checkpoints_cross_cp(corpus, tmp_path, recipe):
+    """train.cp = 2 on two processes from one step-0 checkpoint gives the CP=1 losses and gradient
+    norms step for step (packed documents, the step normaliser, DDP over data x context ranks);
+    its step-2 checkpoint resumed at CP=1 continues exactly as the CP=1 run does."""
+    import shutil
+
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    from _fixtures import losses, make_config, run
+
+    def config(name, **ckpt):
+        return make_config(corpus, tmp_path / name, recipe=recipe, train=dict(steps=4, warmup_steps=1),
+                           checkpoint=dict(save_dir=str(tmp_path / name), **ckpt))
+
+    one = config("one")
+    init = Trainer(RunConfig.from_dict(one), quiet=True)
+    init.setup()
+    init.save(0)
+    two = config("two", save_interval=2)
+    shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
+    assert run(one)[0] == 0
+    ref = losses(tmp_path / "one")
+    got = run_world("_cp_workers", "train_records", str(tmp_path / "out"),
+                    data=two, cp=2, steps=2)[0]
+    assert [s for s, _, _ in got] == [0, 1]
+    for step, loss, grad_norm in got:
+        assert loss == pytest.approx(ref[step]["loss"], rel=1e-5), (step, got, ref)
+        assert grad_norm == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (step, got, ref)
+    # the CP=2 run's step-2 checkpoint, resumed on one process (CP=1)
+    code, trainer = run(two)
+    assert code == 0 and trainer.start_step == 2
+    resumed = losses(tmp_path / "two")
+    for step in (2, 3):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+
+
+def test_cp_layout_errors_before_any_work(corpus, tmp_path):
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.errors import ConfigError
+    from megatron_nbdiff.training.validation import validate_run
+
+    from _fixtures import make_config
+
+    def check(world_size, **train):
+        validate_run(RunConfig.from_dict(make_config(corpus, tmp_path / "r", train=train)), world_size=world_size,
+                     check_data=False)
+
+    check(2, cp=2)  # L = 32 = 2 x 2 chunks of 8 = the curriculum's largest block
+    with pytest.raises(ConfigError, match="train.cp 4: with cp = 4 a chunk holds 4 positions .* block size 8"):
+        check(4, cp=4)
+    with pytest.raises(ConfigError, match="not divisible by tensor 1 x pipeline 1 x context 2"):
+        check(3, cp=2)
+    with pytest.raises(ConfigError, match="train.cp must be >= 1"):
+        check(1, cp=0)
+    assert not (tmp_path / "r").exists()

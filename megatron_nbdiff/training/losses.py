@@ -18,6 +18,12 @@ when loss masks make the counts differ (docs/method.md, "Losses").
 
 Logits are ``[b, L, V]``, or ``[b, L, V/tp]`` when a tensor-parallel ``tp_group`` is given (the
 cross-entropy then reduces over that group). Cross-entropy is computed in fp32.
+
+Under context parallelism a rank's logits hold only its ``positions`` of each stream
+(``StreamLogits.positions``, ``[L/cp]``) while ids, weights and masks are whole ``[b, L]`` (every
+rank has the whole sample): the logit at position ``p`` is scored against token ``p + 1``, and the
+last position ``L - 1`` has no target. Each rank's sums then cover its own targets, and the sums
+over the CP ranks are the whole sequence's (the normaliser is the whole sequence's count).
 """
 from __future__ import annotations
 
@@ -102,9 +108,21 @@ class LossParts:
     num_masked: torch.Tensor
 
 
-def _shifted(mask_like: torch.Tensor) -> torch.Tensor:
-    """Targets at positions 1..L-1, aligned with logits at 0..L-2."""
-    return mask_like[:, 1:]
+def _shifted(mask_like: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Targets at positions 1..L-1, aligned with logits at 0..L-2; with ``positions`` (context
+    parallelism), the values at ``positions + 1``, aligned with the logits at ``positions`` (zero
+    where ``positions + 1 == L``, the one position without a target)."""
+    if positions is None:
+        return mask_like[:, 1:]
+    L = mask_like.shape[1]
+    nxt = positions + 1
+    picked = mask_like[:, nxt.clamp(max=L - 1)]
+    return torch.where(nxt < L, picked, torch.zeros_like(picked))
+
+
+def _scored(logits: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """The logits that have targets in :func:`_shifted`'s alignment."""
+    return logits[:, :-1] if positions is None else logits
 
 
 def num_target_tokens(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -118,10 +136,12 @@ def diffusion_token_losses(
     weight: torch.Tensor,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Weighted per-target diffusion losses ``[b, L-1]``; ``weight`` is 0 where not masked."""
-    ce = token_cross_entropy(noisy_logits[:, :-1], clean_ids[:, 1:], tp_group, vocab_size)
-    return ce * _shifted(weight).float()
+    """Weighted per-target diffusion losses ``[b, L-1]`` (``[b, L/cp]`` with ``positions``);
+    ``weight`` is 0 where not masked."""
+    ce = token_cross_entropy(_scored(noisy_logits, positions), _shifted(clean_ids, positions), tp_group, vocab_size)
+    return ce * _shifted(weight, positions).float()
 
 
 def ar_token_losses(
@@ -130,10 +150,12 @@ def ar_token_losses(
     loss_mask: torch.Tensor,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-target next-token losses ``[b, L-1]`` (zero where ``loss_mask`` is 0)."""
-    ce = token_cross_entropy(clean_logits[:, :-1], clean_ids[:, 1:], tp_group, vocab_size)
-    return ce * _shifted(loss_mask).float()
+    """Per-target next-token losses ``[b, L-1]`` (``[b, L/cp]`` with ``positions``; zero where
+    ``loss_mask`` is 0)."""
+    ce = token_cross_entropy(_scored(clean_logits, positions), _shifted(clean_ids, positions), tp_group, vocab_size)
+    return ce * _shifted(loss_mask, positions).float()
 
 
 def _normaliser(loss_mask: torch.Tensor, normaliser) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,21 +176,22 @@ def complementary_stream_loss(
     tp_group=None,
     vocab_size: Optional[int] = None,
     normaliser=None,
+    positions: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """``L_diff + ar_weight * L_AR`` over any number of noisy views ``(logits, weight, is_masked)``
     of one clean stream: the views' weighted diffusion sums are added and share the AR term's
     normaliser (two views with complementary masks train every eligible token once; no view: the
     block-size-1 step, ``ar_weight * L_AR`` alone)."""
     n, count = _normaliser(loss_mask, normaliser)
-    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
+    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size, positions).sum() / n
     if not views:
         diff = clean_logits.new_zeros((), dtype=torch.float32)
         masked = diff.new_zeros(())
     else:
-        total = sum(diffusion_token_losses(logits, clean_ids, weight, tp_group, vocab_size).sum()
+        total = sum(diffusion_token_losses(logits, clean_ids, weight, tp_group, vocab_size, positions).sum()
                     for logits, weight, _ in views)
         diff = total / n
-        masked = sum(_shifted(is_masked).float().sum() for _, _, is_masked in views)
+        masked = sum(_shifted(is_masked, positions).float().sum() for _, _, is_masked in views)
     return LossParts(
         loss=diff + ar_weight * ar, diffusion=diff.detach(), ar=ar.detach(),
         num_tokens=count.detach(), num_masked=masked.detach(),
@@ -186,6 +209,7 @@ def dual_stream_loss(
     tp_group=None,
     vocab_size: Optional[int] = None,
     normaliser=None,
+    positions: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """NBDiff / transplant / block-causal loss ``L_diff + ar_weight * L_AR``.
 
@@ -193,7 +217,7 @@ def dual_stream_loss(
     positions and is skipped: only ``ar_weight * L_AR`` remains."""
     views = [] if noisy_logits is None else [(noisy_logits, weight, is_masked)]
     return complementary_stream_loss(views, clean_logits, clean_ids, loss_mask, ar_weight, tp_group,
-                                     vocab_size, normaliser)
+                                     vocab_size, normaliser, positions)
 
 
 def single_stream_loss(
@@ -205,14 +229,15 @@ def single_stream_loss(
     tp_group=None,
     vocab_size: Optional[int] = None,
     normaliser=None,
+    positions: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """DiffuLLaMA loss: masked tokens under the shifted logits of the single noisy stream."""
     n, count = _normaliser(loss_mask, normaliser)
-    diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size).sum() / n
+    diff = diffusion_token_losses(noisy_logits, clean_ids, weight, tp_group, vocab_size, positions).sum() / n
     zero = diff.new_zeros(())
     return LossParts(
         loss=diff, diffusion=diff.detach(), ar=zero, num_tokens=count.detach(),
-        num_masked=_shifted(is_masked).float().sum().detach(),
+        num_masked=_shifted(is_masked, positions).float().sum().detach(),
     )
 
 
@@ -223,9 +248,10 @@ def ar_loss(
     tp_group=None,
     vocab_size: Optional[int] = None,
     normaliser=None,
+    positions: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """Plain next-token training (the ``ar`` recipe)."""
     n, count = _normaliser(loss_mask, normaliser)
-    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size).sum() / n
+    ar = ar_token_losses(clean_logits, clean_ids, loss_mask, tp_group, vocab_size, positions).sum() / n
     zero = ar.new_zeros(())
     return LossParts(loss=ar, diffusion=zero, ar=ar.detach(), num_tokens=count.detach(), num_masked=zero)

@@ -84,7 +84,7 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
 
     cuda = torch.cuda.is_available()
     tc = mc.transformer_config(tp=t.tp, pp=t.pp, dtype=dtype, sequence_parallel=t.sequence_parallel,
-                               **t.recompute_overrides(mc.num_layers // t.pp))
+                               context_parallel_size=t.cp, **t.recompute_overrides(mc.num_layers // t.pp))
     tc.finalize_model_grads_func = finalize_model_grads
     torch.manual_seed(t.seed)
     model = NBDiffModel(mc, tc, pre_process=first_stage, post_process=last_stage, parallel_output=True)

@@ -194,7 +194,7 @@ class ARRecipe(Recipe):
     def forward_and_loss(self, tokens, sample_index, model, ctx):
         loss_mask = ctx.token_loss_mask(tokens)
         out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
-        return out, lambda o: ar_loss(o.clean, tokens, loss_mask, **ctx.loss_args)
+        return out, lambda o: ar_loss(o.clean, tokens, loss_mask, positions=o.positions, **ctx.loss_args)
 
 
 def complementary_noise(noise: NoiseOutput, tokens: torch.Tensor, loss_mask: torch.Tensor, block_size: int,
@@ -242,7 +242,7 @@ class DualStreamRecipe(Recipe):
         if ctx.block_size == 1:
             out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
             return out, lambda o: dual_stream_loss(None, o.clean, tokens, None, None, loss_mask,
-                                                   self.ar_weight, **ctx.loss_args)
+                                                   self.ar_weight, positions=o.positions, **ctx.loss_args)
         noise = self.noise(tokens, sample_index, loss_mask, ctx, block_size=ctx.block_size)
         if self.cfg.complementary:
             other = complementary_noise(noise, tokens, loss_mask, ctx.block_size, ctx.mask_token_id,
@@ -251,10 +251,10 @@ class DualStreamRecipe(Recipe):
                         block_size=ctx.block_size, doc_ids=ctx.doc_ids)
             return out, lambda o: complementary_stream_loss(
                 [(o.noisy, noise.weight, noise.is_masked), (o.complement, other.weight, other.is_masked)],
-                o.clean, tokens, loss_mask, self.ar_weight, **ctx.loss_args)
+                o.clean, tokens, loss_mask, self.ar_weight, positions=o.positions, **ctx.loss_args)
         out = model(tokens, noise.noisy_ids, layout=self.layout, block_size=ctx.block_size, doc_ids=ctx.doc_ids)
         return out, lambda o: dual_stream_loss(o.noisy, o.clean, tokens, noise.weight, noise.is_masked,
-                                               loss_mask, self.ar_weight, **ctx.loss_args)
+                                               loss_mask, self.ar_weight, positions=o.positions, **ctx.loss_args)
 
 
 @register_recipe
@@ -304,4 +304,4 @@ class DiffuLLaMARecipe(Recipe):
         out = model(noisy_ids=noise.noisy_ids, layout=self.layout, doc_ids=ctx.doc_ids,
                     anneal_step=ctx.step, anneal_steps=self.cfg.anneal_steps, anneal_seed=ctx.seed)
         return out, lambda o: single_stream_loss(o.noisy, tokens, noise.weight, noise.is_masked, loss_mask,
-                                                 **ctx.loss_args)
+                                                 positions=o.positions, **ctx.loss_args)

@@ -1,8 +1,9 @@
 """One forward (and backward) pass over a global batch's micro-batches through megatron-core's
 pipeline schedule, with the recipe's forward-and-loss, and the reduction of the loss parts.
 
-Process groups are explicit: the step reduces over ``dp_group`` and broadcasts from the last
-pipeline stage over ``pp_group``.
+Process groups are explicit: the step reduces over the data x context parallel group
+(``dp_group``; megatron's with context parallelism) and broadcasts from the last pipeline stage
+over ``pp_group``.
 
 Normalisation (docs/method.md, "Losses"). megatron's schedule divides each micro-batch's loss by
 the number of micro-batches and its DDP averages gradients over data-parallel ranks. Before the
@@ -11,6 +12,14 @@ micro-batch of every data-parallel rank, ``N``, and every micro-batch divides it
 ``N / (micro-batches x DP)``; the two means then give exactly (sum of all loss sums) / ``N``,
 whatever the loss masks, the micro-batch split or the DP size. Without loss masks every
 micro-batch counts the same, and that divisor is each one's own count, as before.
+
+Context parallelism (``cp`` ranks per data-parallel rank, each with the same micro-batches and
+its own positions of them): every rank's loss sums cover its own targets, and the sequence's loss
+is their sum over the CP ranks. megatron's schedule multiplies each micro-batch's loss by ``cp``
+before the backward pass and its DDP averages gradients over the data x context parallel ranks,
+which together make that sum. The counts summed over the data x context parallel group count
+every data-parallel rank's micro-batches ``cp`` times, which leaves ``N / (micro-batches x DP)``
+unchanged; the reported parts are summed over the CP ranks (:func:`reduce_parts`).
 """
 from __future__ import annotations
 
@@ -40,8 +49,10 @@ class StepSettings:
     device: torch.device
     validate_noise: bool
     dp_group: object = None
-    """The data-parallel group the step's loss-token count is summed over; None: megatron's
-    data-parallel group (its parallel state must be initialised)."""
+    """The data x context parallel group the step's loss-token count is summed over; None:
+    megatron's (its parallel state must be initialised)."""
+    cp: int = 1
+    """Context-parallel size: the split of the stream length between pipeline stages."""
 
 
 def _loss_mask(batch) -> Optional[torch.Tensor]:
@@ -99,20 +110,23 @@ def run_micro_batches(settings: StepSettings, model, step: int, block_size: int,
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    dp_group = settings.dp_group if settings.dp_group is not None else ps.get_data_parallel_group()
+    dp_group = (settings.dp_group if settings.dp_group is not None
+                else ps.get_data_parallel_group(with_context_parallel=True))
     normaliser = step_normaliser(batches, dp_group, settings.device)
     with compat.cpu_device_mode():
         return get_forward_backward_func()(
             forward_step_func=forward_step_func(settings, step, block_size, normaliser),
             data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-            seq_length=settings.recipe.stream_length(settings.seq_len, block_size),
+            seq_length=settings.recipe.stream_length(settings.seq_len, block_size) // settings.cp,
             micro_batch_size=settings.micro_batch_size, forward_only=forward_only,
         )
 
 
 def reduce_parts(results: list, last_stage: bool, dp_group, pp_group, dp_size: int,
                  device: torch.device) -> torch.Tensor:
-    """Mean (loss, diffusion, ar) over micro-batches and data-parallel ranks, on every rank."""
+    """(loss, diffusion, ar) on every rank: the mean over micro-batches and data-parallel ranks of
+    the sum over context-parallel ranks. ``dp_group`` is the data x context parallel group, whose
+    sum is divided by ``dp_size``, the data-parallel size alone."""
     if last_stage and results:
         parts = torch.stack([r["parts"] for r in results]).mean(0).to(torch.float64).cpu()
     else:

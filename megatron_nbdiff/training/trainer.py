@@ -60,7 +60,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         compat.install_safe_loading()
-        initialize_parallel(t.tp, t.pp, seed=t.seed)
+        initialize_parallel(t.tp, t.pp, seed=t.seed, cp=t.cp)
         self.rank = dist.get_rank()
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
@@ -95,7 +95,7 @@ class Trainer:
             seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, device=self.device,
             loss_kwargs=dict(tp_group=ps.get_tensor_model_parallel_group() if t.tp > 1 else None,
                              vocab_size=self.model_config.vocab_size),
-            validate_noise=not self.cuda)
+            validate_noise=not self.cuda, cp=t.cp)
         self.checkpointer = Checkpointer(self.folder, cfg.checkpoint.keep, self.rank, dist.barrier, self._log)
         self.start_step = self._resume_or_init()
 
@@ -136,7 +136,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         results = run_micro_batches(self.settings, self.model, step, block_size, batches, forward_only)
-        return reduce_parts(results, self.last_stage, ps.get_data_parallel_group(),
+        return reduce_parts(results, self.last_stage, ps.get_data_parallel_group(with_context_parallel=True),
                             ps.get_pipeline_model_parallel_group(), self.dp, self.device)
 
     def train_step(self, step: int) -> StepMetrics:

@@ -22,8 +22,10 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_interval", "train.eval_interval", "train.eval_iters", "train.peak_tflops",
     "checkpoint.save_interval", "checkpoint.keep",
     # layout: checkpoints reshard to any TP/PP/DP, micro-batching only changes the summation order
-    "train.tp", "train.pp", "train.sequence_parallel", "train.micro_batch_size", "model.attention_backend",
-    "checkpoint.optimizer_format",
+    "train.tp", "train.pp", "train.cp", "train.sequence_parallel", "train.micro_batch_size",
+    "model.attention_backend", "checkpoint.optimizer_format",
+    # recomputation replays the same forward (tests/test_recompute.py)
+    "train.recompute", "train.recompute_modules", "train.recompute_method", "train.recompute_num_layers",
     # places: a run folder, a cache or a tokenizer that moved
     "checkpoint.save_dir", "checkpoint.init_from", "data.cache_dir", "data.tokenizer",
 )
@@ -111,9 +113,17 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
                           "checkpoint whose nbdiff.json names one")
     if mask is not None and not 0 <= mask < mc.vocab_size:
         raise ConfigError(f"mask token id {mask} is outside the vocabulary (size {mc.vocab_size})")
-    check_parallel_sizes(mc, tp=t.tp, pp=t.pp, world_size=world_size)
+    check_parallel_sizes(mc, tp=t.tp, pp=t.pp, cp=t.cp, world_size=world_size)
+    if t.cp > 1:
+        from ..attention.context_parallel import check_split
+        from ..attention.masks import BLOCK_LAYOUTS
+
+        try:
+            check_split(t.seq_len, t.cp, recipe.curriculum.maximum if recipe.layout in BLOCK_LAYOUTS else 1)
+        except ValueError as exc:
+            raise ConfigError(f"train.cp {t.cp}: {exc}") from None
     if world_size is not None:
-        dp = world_size // (t.tp * t.pp)
+        dp = world_size // (t.tp * t.pp * t.cp)
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
             raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
                               f"{t.micro_batch_size} x data-parallel size {dp}")
