@@ -28,6 +28,21 @@ parallel pieces:
 The CPU shims are inactive when CUDA is present: :func:`install` installs no shim and
 :func:`cpu_device_mode` is a null context.
 
+Mixture-of-experts layers need one more fix, keyed on Transformer Engine rather than on CUDA:
+
+8. megatron-core 0.16.1's ``moe/moe_utils.py`` imports ``te_general_gemm`` inside a
+   ``try: import transformer_engine`` block, and its router's gating linear
+   (``RouterGatingLinearFunction``) tests ``te_general_gemm is not None`` unguarded: without TE
+   the name is undefined and every MoE forward raises ``NameError``. Shim
+   (:func:`install_moe_without_te`): define the name as None in that module when TE did not
+   import, so the router takes its own torch path (``torch.mm`` in the router dtype). Where TE
+   imports (the GPU stack) the name exists and nothing is changed; a CUDA host without TE has the
+   same bug, so this one is not limited to CPU.
+
+megatron-core's MoE otherwise runs on CPU as it is: the router's ``gating`` moves its weight to
+``torch.cuda.current_device()`` (shim 1 makes that the CPU), the ``allgather`` token dispatcher
+and ``SequentialMLP`` experts use plain torch ops and collectives that gloo has.
+
 Safe loading (:func:`install_safe_loading`, active with and without CUDA; :func:`install` calls
 it, and so do the checkpoint loader, the converters and the tools). No code path may unpickle a
 file the user did not create in this run, because unpickling can run any code the file names.
@@ -90,6 +105,7 @@ def install() -> bool:
     Returns whether the CPU shims are active."""
     global _installed
     install_safe_loading()
+    install_moe_without_te()
     if cuda_present():
         return False
     if not _installed:
@@ -120,6 +136,18 @@ def _set_rng_states_without_cuda(cpu_rng_state, cuda_rng_state, tracker_states) 
 
     torch.set_rng_state(cpu_rng_state)
     get_cuda_rng_tracker().set_states(tracker_states)
+
+
+def install_moe_without_te() -> bool:
+    """Shim 8: ``te_general_gemm = None`` in megatron's ``moe_utils`` when Transformer Engine did
+    not import there (the name is then undefined and the router raises ``NameError``).
+    Idempotent; returns whether the name had to be defined."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if getattr(moe_utils, "HAVE_TE", True) or hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True
 
 
 def _tensor_stays_on_cpu(self, *args, **kwargs):

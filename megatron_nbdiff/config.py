@@ -77,6 +77,37 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     """Embedding rows are padded to a multiple of this times the tensor-parallel size."""
 
+    # -- mixture of experts (all unset for a dense model; see check_moe_fields) --------------
+    num_experts: Optional[int] = None
+    """Routed experts of each MoE layer; None: a dense model (the other ``moe_*`` fields unset).
+    Every MoE layer routes each token to ``moe_topk`` of them through a linear router without
+    bias whose logits are computed in fp32: softmax over all experts, the top ``moe_topk``,
+    renormalised to sum to 1 when ``moe_norm_topk_prob`` (HF Qwen3-MoE, Mixtral). No shared
+    expert, no capacity limit: no token is ever dropped."""
+    moe_topk: Optional[int] = None
+    """Experts per token (HF ``num_experts_per_tok``); required with ``num_experts``."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """SwiGLU inner width of one expert (HF ``moe_intermediate_size``; Mixtral's
+    ``intermediate_size``); None means ``ffn_hidden_size``. ``ffn_hidden_size`` stays the width
+    of the dense layers."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k probabilities to sum to 1 (HF ``norm_topk_prob``; Mixtral always)."""
+    moe_dense_layers: Optional[list] = None
+    """0-based indices of the layers that keep a dense SwiGLU MLP of width ``ffn_hidden_size``
+    (HF Qwen3-MoE: ``mlp_only_layers`` plus the layers ``decoder_sparse_step`` skips); None or
+    empty: every layer is a MoE layer (Mixtral)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing auxiliary loss coefficient (megatron-core's ``aux_loss``, the Switch
+    Transformer loss over each micro-batch's tokens). Default 0: the base models were pretrained
+    with a balancing loss (Mixtral's config: ``router_aux_loss_coef`` 0.02; Qwen3-MoE: a
+    global-batch balancing loss, ``router_aux_loss_coef`` 0.001), so adaptation starts from a
+    balanced router, and megatron's micro-batch loss is a different objective than Qwen3's
+    global-batch one that would pull the router away from its learned specialisation. Set it
+    (e.g. to the base model's coefficient) if the expert load drifts during adaptation."""
+    moe_z_loss_coeff: float = 0.0
+    """Router z-loss coefficient (ST-MoE: the squared log-sum-exp of the router logits). Default
+    0: neither base family was trained with one (their HF configs have no z-loss)."""
+
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_seq_len"):
             value = getattr(self, name)
@@ -100,7 +131,33 @@ class ModelConfig:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.rope_scaling is not None:
             self.rope_scaling = check_rope_scaling(self.rope_scaling)
+        check_moe_fields(self)
         _check_literals(self, "model")
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the model has mixture-of-experts layers."""
+        return self.num_experts is not None
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether (0-based) ``layer`` is a MoE layer."""
+        return self.is_moe and layer not in (self.moe_dense_layers or ())
+
+    @property
+    def stacked_layers(self) -> bool:
+        """Whether megatron-core stores the layers stacked (one checkpoint tensor per parameter
+        with a leading layer axis): a dense model, or a MoE model whose every layer is a MoE layer
+        (lowered as ``moe_layer_freq=1``). With dense layers among MoE ones the lowering gives
+        megatron the list form of ``moe_layer_freq``, and megatron stores each layer under its own
+        keys (``decoder.layers.<i>.``; ``checkpoint/mapping.py``)."""
+        return not (self.is_moe and self.moe_dense_layers)
+
+    def moe_layer_pattern(self) -> Optional[list]:
+        """Per layer 1 (MoE) or 0 (dense), megatron-core's ``moe_layer_freq`` list form; None for a
+        dense model."""
+        if not self.is_moe:
+            return None
+        return [1 if self.is_moe_layer(i) else 0 for i in range(self.num_layers)]
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Embedding rows after padding for tensor parallelism."""
@@ -108,7 +165,13 @@ class ModelConfig:
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict; a dense model leaves the MoE fields out, so its dict (and the
+        ``nbdiff.json`` and run configs holding it) is what it was before MoE existed."""
+        out = dataclasses.asdict(self)
+        if not self.is_moe:
+            for name in MOE_FIELDS:
+                out.pop(name)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -119,13 +182,78 @@ class ModelConfig:
         return cls(**coerce_fields(cls, data, "model"))
 
     def transformer_config(self, tp: int = 1, pp: int = 1, dtype: str = "fp32",
-                           sequence_parallel: bool = False, **overrides: Any):
+                           sequence_parallel: bool = False, ep: int = 1, **overrides: Any):
         """megatron-core ``TransformerConfig`` for this architecture at a parallel layout (see
         :func:`megatron_nbdiff.models.transformer_config.transformer_config`)."""
         from .models.transformer_config import transformer_config
 
         return transformer_config(self, tp=tp, pp=pp, dtype=dtype, sequence_parallel=sequence_parallel,
-                                  **overrides)
+                                  ep=ep, **overrides)
+
+
+MOE_FIELDS = ("num_experts", "moe_topk", "moe_ffn_hidden_size", "moe_norm_topk_prob", "moe_dense_layers",
+              "moe_aux_loss_coeff", "moe_z_loss_coeff")
+"""The :class:`ModelConfig` fields of mixture-of-experts models."""
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_moe_fields(mc: "ModelConfig") -> None:
+    """The MoE fields of ``mc`` checked (and ``moe_ffn_hidden_size`` / ``moe_dense_layers``
+    normalised): all at their defaults for a dense model; for a MoE model a positive expert
+    count, ``1 <= moe_topk <= num_experts``, dense-layer indices in range, at least one MoE
+    layer, coefficients >= 0, and no top-1 renormalised routing (every token's expert would get
+    weight exactly 1, which megatron-core's router cannot express)."""
+    where = "ModelConfig"
+    for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        value = getattr(mc, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}.{name} must be a number >= 0, found {value!r}")
+    if not isinstance(mc.moe_norm_topk_prob, bool):
+        raise ConfigError(f"{where}.moe_norm_topk_prob must be true or false, found {mc.moe_norm_topk_prob!r}")
+    if mc.num_experts is None:
+        set_fields = [n for n in ("moe_topk", "moe_ffn_hidden_size") if getattr(mc, n) is not None]
+        set_fields += ["moe_dense_layers"] if mc.moe_dense_layers else []
+        set_fields += [n for n in ("moe_aux_loss_coeff", "moe_z_loss_coeff") if getattr(mc, n)]
+        if set_fields:
+            raise ConfigError(
+                f"{where}.{set_fields[0]} is set but num_experts is null (a dense model); set "
+                "num_experts for a mixture-of-experts model"
+            )
+        return
+    if not _positive_int(mc.num_experts):
+        raise ConfigError(f"{where}.num_experts must be a positive int or null, found {mc.num_experts!r}")
+    if mc.moe_topk is None:
+        raise ConfigError(f"{where}.moe_topk (experts per token) is required with num_experts={mc.num_experts}")
+    if not _positive_int(mc.moe_topk) or mc.moe_topk > mc.num_experts:
+        raise ConfigError(
+            f"{where}.moe_topk must be an int in [1, num_experts={mc.num_experts}], found {mc.moe_topk!r}"
+        )
+    if mc.moe_topk == 1 and mc.moe_norm_topk_prob:
+        raise ConfigError(
+            f"{where}: moe_topk=1 with moe_norm_topk_prob=true weights every token's expert by exactly 1, "
+            "which megatron-core's router cannot reproduce; use moe_norm_topk_prob=false or moe_topk > 1"
+        )
+    if mc.moe_ffn_hidden_size is None:
+        mc.moe_ffn_hidden_size = mc.ffn_hidden_size
+    if not _positive_int(mc.moe_ffn_hidden_size):
+        raise ConfigError(f"{where}.moe_ffn_hidden_size must be a positive int, found {mc.moe_ffn_hidden_size!r}")
+    dense = list(mc.moe_dense_layers or [])
+    for i in dense:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < mc.num_layers:
+            raise ConfigError(
+                f"{where}.moe_dense_layers must hold layer indices in [0, num_layers={mc.num_layers}), "
+                f"found {i!r}"
+            )
+    if len(set(dense)) != len(dense):
+        raise ConfigError(f"{where}.moe_dense_layers lists a layer twice: {dense}")
+    if len(dense) == mc.num_layers:
+        raise ConfigError(
+            f"{where}.moe_dense_layers makes every layer dense; a dense model has num_experts null"
+        )
+    mc.moe_dense_layers = sorted(dense)
 
 
 # RoPE scaling types the model computes exactly as transformers does: type -> (required keys,
@@ -411,7 +539,10 @@ class RunConfig:
 
     # -- YAML ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.model is not None:
+            out["model"] = self.model.to_dict()  # a dense model's dict has no MoE fields
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":

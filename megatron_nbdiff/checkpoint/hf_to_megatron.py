@@ -7,8 +7,10 @@ each HF tensor straight into its megatron tensor when the writer reaches it (row
 their interleaved places, gate and up into the two halves of fc1, the vocabulary rows into the
 padded embedding).
 Every tensor read is checked for NaN/Inf (:mod:`.finite`): refused unless ``allow_nonfinite``.
-torch_dist stores global tensors, so the checkpoint loads at any TP/PP (megatron reshards on
-load); ``--tp/--pp`` are validated, set the vocabulary padding, and are recorded as the target.
+torch_dist stores global tensors, so the checkpoint loads at any TP/PP/EP (megatron reshards on
+load; a MoE layer's experts are one tensor with an expert axis, :mod:`.mapping`); ``--tp/--pp``
+are validated, set the vocabulary padding, and are recorded as the target, as is ``ep`` (which
+must divide the experts) for a MoE model.
 Peak memory is about one tensor (the embedding, or one layer's largest weight): the writer asks
 for each tensor when it writes it (:mod:`.streaming_save`).
 """
@@ -26,7 +28,7 @@ from .errors import ConversionError
 from .families import HFModelInfo, parse_hf_config
 from .finite import FiniteCheck, all_finite
 from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
-from .mapping import ParamMap, hf_shapes, param_maps, qkv_blocks
+from .mapping import ParamMap, ffn_width, hf_tensor_shapes, param_maps, qkv_blocks
 from .metadata import WEIGHTS_DIR, CheckpointMetadata, write_metadata
 from .safetensors_io import SafetensorsCheckpoint
 from .streaming_save import save_model
@@ -47,9 +49,15 @@ class ConversionResult:
     summary: str
 
 
-def check_layout(mc, tp: int, pp: int) -> None:
+def check_layout(mc, tp: int, pp: int, ep: int = 1) -> None:
     if not isinstance(tp, int) or tp < 1 or not isinstance(pp, int) or pp < 1:
         raise ConversionError(f"--tp and --pp must be positive integers, found {tp} and {pp}")
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise ConversionError(f"--ep must be a positive integer, found {ep!r}")
+    if ep > 1 and not mc.is_moe:
+        raise ConversionError(f"--ep {ep}: expert parallelism needs a mixture-of-experts model; this one is dense")
+    if mc.is_moe and mc.num_experts % ep:
+        raise ConversionError(f"--ep {ep} does not divide the {mc.num_experts} experts")
     if mc.num_attention_heads % tp:
         raise ConversionError(
             f"--tp {tp} does not divide the {mc.num_attention_heads} attention heads"
@@ -62,22 +70,11 @@ def check_layout(mc, tp: int, pp: int) -> None:
         raise ConversionError(f"--pp {pp} does not divide the {mc.num_layers} layers")
 
 
-def _expected_tensors(info: HFModelInfo, maps: list[ParamMap]) -> dict[str, tuple[int, ...]]:
-    mc = info.model_config
-    out: dict[str, tuple[int, ...]] = {}
-    for pm in maps:
-        layers = range(mc.num_layers) if pm.per_layer else [None]
-        for layer in layers:
-            for name, shape in zip(pm.hf_names(layer), hf_shapes(pm, mc, mc.vocab_size)):
-                out[name] = shape
-    return out
-
-
 def _check_tensors(ckpt: SafetensorsCheckpoint, info: HFModelInfo, maps: list[ParamMap],
                    notes: list[str]) -> int:
     """Every expected tensor present with the config's shape; nothing unexplained left over.
     Returns the parameter count."""
-    expected = _expected_tensors(info, maps)
+    expected = hf_tensor_shapes(maps, info.model_config, info.model_config.vocab_size)
     fam = info.family.name
     for name, shape in expected.items():
         if name not in ckpt:
@@ -157,7 +154,7 @@ def _fill(pm: ParamMap, layer, dest: torch.Tensor, row0: int, ckpt: SafetensorsC
                 _read_checked(ckpt, names[source], dest[a - lo: b - lo], finite,
                               src_row + a - dst_row, src_row + b - dst_row)
     elif pm.kind == "fc1":
-        f = mc.ffn_hidden_size
+        f = ffn_width(pm, mc)
         for source, start in ((0, 0), (1, f)):  # [gate ; up]
             part = _intersect(lo, hi, start, start + f)
             if part is not None:
@@ -180,6 +177,7 @@ def convert_hf_to_megatron(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     mask_token: str = "append",
     mask_token_string: str = DEFAULT_MASK_STRING,
     dtype: Optional[str] = None,
@@ -201,7 +199,7 @@ def convert_hf_to_megatron(
         raise ConversionError(f"--dtype must be one of {sorted(_TORCH_DTYPE)}, found {dtype!r}")
     info = parse_hf_config(hf_dir, max_seq_len, make_vocab_size_divisible_by)
     mc0 = info.model_config
-    check_layout(mc0, tp, pp)
+    check_layout(mc0, tp, pp, ep)
     notes = list(info.notes)
     maps = param_maps(info.family, mc0)
     with SafetensorsCheckpoint(hf_dir) as ckpt:
@@ -246,7 +244,7 @@ def convert_hf_to_megatron(
                 dtype=dtype,
                 weights={"format": "torch_dist", "path": WEIGHTS_DIR, "key_prefix": ""},
                 parallel={"target_tp": tp, "target_pp": pp, "written_tp": 1, "written_pp": 1,
-                          "reshardable": True},
+                          "reshardable": True, **({"target_ep": ep} if mc.is_moe else {})},
                 tokenizer={"files": files,
                            "note": None if files else "no tokenizer files in the source checkpoint"},
                 block_size=1,
@@ -263,7 +261,8 @@ def convert_hf_to_megatron(
     mask_txt = (f", mask token id {mask.id} ({mask.method})" if mask is not None else ", no mask token")
     summary = (
         f"converted {hf_dir} -> {out_dir}: {n_params:,} parameters, {dtype}, {info.family.architecture}, "
-        f"target layout TP={tp} PP={pp} (torch_dist, reshardable), vocab {vocab} padded to "
+        f"target layout TP={tp} PP={pp}{f' EP={ep}' if mc.is_moe else ''} (torch_dist, reshardable), "
+        f"{f'{mc.num_experts} experts top-{mc.moe_topk}, ' if mc.is_moe else ''}vocab {vocab} padded to "
         f"{mc.padded_vocab_size(tp)}{mask_txt}, {seconds:.1f} s (streaming "
         f"{phases['read'] + phases['write']:.1f} s: read {phases['read']:.1f} s, write {phases['write']:.1f} s)"
     )

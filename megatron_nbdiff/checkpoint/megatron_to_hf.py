@@ -6,10 +6,12 @@ sharded safetensors with ``model.safetensors.index.json``, the tokenizer and ``n
 (kind ``hf``). It loads with ``AutoModelForCausalLM.from_pretrained`` and no remote code.
 
 Export streams: it reads the distributed checkpoint one unit at a time (the embedding, one layer,
-the final norm and head) as global tensors through ``dist_checkpointing.load`` of just those
-slices, so it never builds the model; shard files are laid out from the known shapes up front and
-each tensor is written as soon as it is produced. Peak memory is about one layer (or the
-embedding) in the stored dtype plus its HF form.
+one expert of a MoE layer, the final norm and head) as global tensors through
+``dist_checkpointing.load`` of just those slices, so it never builds the model; shard files are
+laid out from the known shapes up front and each tensor is written as soon as it is produced.
+Peak memory is about one layer's attention and dense MLP, or one expert (or the embedding) in the
+stored dtype plus its HF form. Experts are read at their global index whatever the
+expert-parallel layout that wrote them, so a checkpoint saved at EP>1 exports the same tensors.
 
 The checkpoint is checked before anything is written (every shard its index names present and
 long enough, :mod:`.torch_dist`), and every exported tensor is checked for NaN/Inf before and
@@ -35,7 +37,7 @@ from .families import get_family, hf_config_for_export
 from .finite import FiniteCheck
 from .fsutil import AtomicOutputDir, check_free_space, check_output_dir
 from .loader import weights_dir
-from .mapping import ParamMap, hf_shapes, megatron_shape, param_maps, qkv_blocks, split_fc1, units
+from .mapping import ParamMap, hf_tensor_shapes, megatron_shape, param_maps, qkv_blocks, split_fc1, units
 from .metadata import read_metadata, write_metadata
 from .safetensors_io import INDEX_NAME, ShardWriter
 from .tokenizer import EXTRA_FILES, TOKENIZER_FILES
@@ -151,15 +153,16 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reade
     """Global (TP=1) tensors of one unit, keyed by megatron state-dict name."""
     requests, out = {}, {}
     for pm in unit_maps:
-        key = prefix + pm.sharded_key
+        key = prefix + pm.sharded_name(layer)
         if key not in stored:
             raise ConversionError(f"the checkpoint in {path} has no tensor {key!r}")
         md = stored[key]
         gshape = tuple(md.size)
-        if pm.per_layer:
-            want = (mc.num_layers,) + megatron_shape(pm, mc, 0)
-            offsets = (layer,) + (0,) * (len(gshape) - 1)
-            shape = gshape[1:]
+        if pm.per_layer:  # leading layer / expert axes (mapping.py), then the parameter's own
+            lead = pm.lead_shape(mc)
+            want = lead + megatron_shape(pm, mc, 0)
+            offsets = pm.lead_offsets(layer) + (0,) * (len(gshape) - len(lead))
+            shape = gshape[len(lead):]
         else:
             want = megatron_shape(pm, mc, gshape[0] if pm.kind == "vocab" else 0)
             if pm.kind == "vocab" and gshape[0] < mc.vocab_size:
@@ -173,7 +176,7 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reade
                 f"{key} is stored as {list(gshape)}, nbdiff.json's model_config implies {list(want)}"
             )
         dest = torch.empty(shape, dtype=md.properties.dtype)
-        view = dest.unsqueeze(0) if pm.per_layer else dest
+        view = dest.view((1,) * (len(gshape) - len(shape)) + tuple(shape))  # one chunk of the leading axes
         requests[key] = (view, offsets)
         out[pm.megatron_name(layer)] = dest
     try:
@@ -196,7 +199,7 @@ def _to_hf(pm: ParamMap, layer, t: torch.Tensor, mc, dtype,
     if pm.kind == "qkv":
         parts = [(names[source], src_row, t[dst_row: dst_row + rows])
                  for source, src_row, dst_row, rows in qkv_blocks(mc)]
-    elif pm.kind == "fc1":
+    elif pm.kind == "fc1":  # [gate ; up] of the dense MLP or an expert
         parts = [(name, 0, part) for name, part in zip(names, split_fc1(t))]
     elif pm.kind == "vocab":
         parts = [(names[0], 0, t[: mc.vocab_size])]
@@ -240,12 +243,8 @@ def convert_megatron_to_hf(
     family = get_family(meta.family)
     mc = meta.get_model_config()
     maps = param_maps(family, mc)
-    plan = units(maps, mc.num_layers)
-    specs = []
-    for layer, unit_maps in plan:
-        for pm in unit_maps:
-            for name, shape in zip(pm.hf_names(layer), hf_shapes(pm, mc, mc.vocab_size)):
-                specs.append((name, tdtype, shape))
+    plan = units(maps, mc)
+    specs = [(name, tdtype, shape) for name, shape in hf_tensor_shapes(maps, mc, mc.vocab_size).items()]
     shards = _plan_shards(specs, max_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

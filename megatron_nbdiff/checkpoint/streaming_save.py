@@ -223,18 +223,24 @@ def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) ->
     save_config(CheckpointingConfig("torch_dist"), path)
 
 
-def _plain_fc1(sharded_state_dict: dict, num_layers: int) -> dict:
-    """At TP=1 the GLU fc1 factory only splits the tensor into two views; plan the same global
-    ``[gate ; up]`` tensor as one chunk instead (what megatron reads back at any TP)."""
+def _plain_fc1(sharded_state_dict: dict) -> dict:
+    """At TP=1 the GLU fc1 factory (dense MLPs and experts alike) only splits the tensor into two
+    views; plan the same global ``[gate ; up]`` tensor as one chunk instead (what megatron reads
+    back at any TP). The factory's own two halves give the chunk's leading axes (layer, expert)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     out = {}
     for name, value in sharded_state_dict.items():
         if isinstance(value, ShardedTensorFactory):
-            layer = int(name.split("decoder.layers.", 1)[1].split(".", 1)[0])
+            gate, up = value.build()
+            lead = gate.prepend_axis_num
+            if (gate.key != up.key or gate.global_offset[lead] != 0
+                    or gate.global_shape[lead] != value.data.shape[0]):  # megatron changed: a bug guard
+                raise RuntimeError(f"{name}: unexpected GLU fc1 factory layout")
             value = ShardedTensor.from_rank_offsets(
-                value.key, value.data, (0, layer, num_layers), replica_id=value.replica_id,
-                prepend_axis_num=1,
+                value.key, value.data,
+                *((axis, gate.global_offset[axis], gate.global_shape[axis]) for axis in range(lead)),
+                replica_id=value.replica_id, prepend_axis_num=lead,
             )
         out[name] = value
     return out
@@ -276,9 +282,10 @@ def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
     megatron's sharded layout (keys, shapes); each tensor is split into pieces of whole rows of at
     most ``chunk_bytes`` (default :data:`CHUNK_BYTES`; :func:`row_chunks`), and
     ``fill(param_map, layer, dest, row0)`` writes rows ``row0 .. row0 + len(dest)`` of one
-    parameter (a :class:`~.mapping.ParamMap` of ``maps``, at global ``layer``; rows along its
-    first dimension) into ``dest`` when the writer reaches that piece. Returns the seconds spent
-    filling (``read``) and the rest (``write``)."""
+    parameter (a :class:`~.mapping.ParamMap` of ``maps``, at global ``layer``, of expert
+    ``param_map.expert`` for an expert weight; rows along its first dimension) into ``dest`` when
+    the writer reaches that piece. Returns the seconds spent filling (``read``) and the rest
+    (``write``)."""
     import time
 
     from tqdm import tqdm
@@ -292,13 +299,13 @@ def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
     build_mc = dataclasses.replace(mc, make_vocab_size_divisible_by=mc.make_vocab_size_divisible_by * tp,
                                    rope_scaling=None)
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    source = {pm.megatron_name(layer): (pm, layer) for layer, unit in units(maps, mc.num_layers) for pm in unit}
+    source = {pm.megatron_name(layer): (pm, layer) for layer, unit in units(maps, mc) for pm in unit}
     with single_process_group(), torch.no_grad():
         tc = build_mc.transformer_config(tp=1, pp=1, dtype=dtype_name, perform_initialization=False,
                                          use_cpu_initialization=True)
         with torch.device("meta"):
             model = NBDiffModel(build_mc, tc)
-        tensors, objects = entries_of(_plain_fc1(model.gpt.sharded_state_dict(), mc.num_layers))
+        tensors, objects = entries_of(_plain_fc1(model.gpt.sharded_state_dict()))
         del model
     if set(tensors) != set(source):  # the table and the model disagree: a bug, not bad input
         raise RuntimeError(f"parameter map and model differ: {sorted(set(tensors) ^ set(source))}")
@@ -306,22 +313,22 @@ def save_model(mc, maps, tp: int, dtype: torch.dtype, path: str,
     bar = tqdm(total=total, desc="converting", unit="B", unit_scale=True, disable=not progress)
     phases = {"read": 0.0, "write": 0.0}
 
-    def producer(pm, layer, piece: StoredTensor, row0: int):
+    def producer(pm, layer, piece: StoredTensor, row0: int, lead: int):
         def produce() -> torch.Tensor:
             t0 = time.time()
-            dest = torch.empty(piece.shape[1:] if pm.per_layer else piece.shape, dtype=piece.dtype)
+            dest = torch.empty(piece.shape[lead:], dtype=piece.dtype)
             fill(pm, layer, dest, row0)
             phases["read"] += time.time() - t0
             bar.update(dest.numel() * dest.element_size())
-            return dest.unsqueeze(0) if pm.per_layer else dest
+            return dest.view(piece.shape)
         return produce
 
     pieces = []
     for name, entry in tensors.items():
         pm, layer = source[name]
-        axis = 1 if pm.per_layer else 0  # per-layer tensors carry the leading layer axis
+        axis = len(pm.lead_shape(mc))  # stacked layers and experts carry leading axes (mapping.py)
         for piece in row_chunks(entry, axis, chunk_bytes or CHUNK_BYTES):
-            piece.produce = producer(pm, layer, piece, piece.offsets[axis] - entry.offsets[axis])
+            piece.produce = producer(pm, layer, piece, piece.offsets[axis] - entry.offsets[axis], axis)
             pieces.append(piece)
     t0 = time.time()
     try:

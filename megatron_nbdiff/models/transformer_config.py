@@ -1,5 +1,30 @@
 """The lowering of a :class:`~megatron_nbdiff.config.ModelConfig` (a Llama-style decoder:
-RMSNorm, SwiGLU, RoPE, GQA) to megatron-core's ``TransformerConfig`` at a parallel layout."""
+RMSNorm, SwiGLU, RoPE, GQA; optionally mixture-of-experts layers) to megatron-core's
+``TransformerConfig`` at a parallel layout.
+
+MoE routing is set so that megatron-core's ``TopKRouter`` computes what HF Qwen3-MoE and Mixtral
+compute: router logits in fp32 (``moe_router_dtype``), ``softmax`` score function, and
+
+* renormalised top-k (``moe_norm_topk_prob``): ``moe_router_pre_softmax=False``, i.e. top-k of
+  the logits, then a softmax over those k. HF takes the top-k of the softmax over all experts
+  and divides by their sum; softmax is monotonic, so the same experts are chosen, and
+  ``softmax(all)[topk] / sum = exp(l_i) / sum_{j in topk} exp(l_j) = softmax(l[topk])``.
+* plain top-k: ``moe_router_pre_softmax=True``: softmax over all experts, then top-k (HF's
+  order exactly).
+
+In fp32 this is HF's routing up to rounding (tests/test_moe_convert.py compares the experts
+chosen and their weights). In bf16 megatron computes the logits in fp32 from the bf16 input and
+weight while HF computes them in bf16 before its fp32 softmax: megatron's are the more precise,
+and the two can pick different experts for a token whose k-th and (k+1)-th logits are within
+bf16 rounding of each other.
+
+No capacity factor (no token is dropped or padded), no input jitter, no expert bias, no group
+routing, no shared expert. The token dispatcher is ``allgather`` (gathers, permutes and
+reduce-scatters with plain torch and ``torch.distributed`` collectives: it runs on CPU with gloo,
+and at EP=1 TP=1 does no communication at all). Experts are megatron's ``SequentialMLP`` in the
+local spec (:mod:`.spec`); ``moe_grouped_gemm`` is False unless overridden (grouped GEMM needs
+CUDA and the Transformer Engine spec).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -20,17 +45,19 @@ def transformer_config(
     pp: int = 1,
     dtype: str = "fp32",
     sequence_parallel: bool = False,
+    ep: int = 1,
     **overrides: Any,
 ):
-    """megatron-core ``TransformerConfig`` for ``model`` at a parallel layout; ``overrides`` are
-    passed through (e.g. ``perform_initialization=False``)."""
+    """megatron-core ``TransformerConfig`` for ``model`` at a parallel layout (``ep``: expert
+    parallel size, MoE models only); ``overrides`` are passed through (e.g.
+    ``perform_initialization=False``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from .rope import softmax_scale
 
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(TORCH_DTYPES)}, found {dtype!r}")
-    check_parallel_sizes(model, tp=tp, pp=pp)
+    check_parallel_sizes(model, tp=tp, pp=pp, ep=ep)
     if sequence_parallel and tp == 1:
         sequence_parallel = False
     torch_dtype = TORCH_DTYPES[dtype]
@@ -68,5 +95,37 @@ def transformer_config(
         pipeline_dtype=torch_dtype,
         autocast_dtype=torch_dtype,
     )
+    if model.is_moe:
+        kwargs.update(moe_kwargs(model, ep))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def moe_kwargs(model: "ModelConfig", ep: int = 1) -> dict[str, Any]:
+    """megatron-core's MoE settings for ``model`` (module docstring)."""
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        expert_model_parallel_size=ep,
+        # the int form keeps megatron's stacked checkpoint layout (ModelConfig.stacked_layers)
+        moe_layer_freq=1 if model.stacked_layers else model.moe_layer_pattern(),
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_input_jitter_eps=None,
+        moe_expert_capacity_factor=None,
+        moe_pad_expert_input_to_capacity=False,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_shared_expert_intermediate_size=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(model.moe_aux_loss_coeff),
+        moe_z_loss_coeff=float(model.moe_z_loss_coeff) or None,
+    )
