@@ -149,9 +149,43 @@ def read_slices(path: str, requests: dict, reader=None) -> None:
                                            planner=planner)
 
 
-def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reader) -> dict[str, torch.Tensor]:
-    """Global (TP=1) tensors of one unit, keyed by megatron state-dict name."""
-    requests, out = {}, {}
+class UnitBuffers:
+    """Reusable memory for the units in flight: ``slots`` flat byte buffers used in turn, each
+    grown to the largest unit it has held and then kept. Unit ``i`` goes into slot ``i % slots``;
+    with two slots that is the unit being read and converted while the one before it is written,
+    so a slot is only reused once its unit's write has finished (the export loop waits for it).
+    Writing into memory the process has already touched is about 8x faster on this class of VM
+    than into fresh pages (a 32 MB copy: 1.2 GB/s into a new tensor, 10 GB/s into a reused one),
+    and every fresh ``torch.empty`` of a unit is fresh pages again."""
+
+    ALIGN = 64
+
+    def __init__(self, slots: int = 2):
+        self.slots = [torch.empty(0, dtype=torch.uint8) for _ in range(slots)]
+        self.turn = 0
+
+    def take(self, specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+        """Tensors of the given shapes and dtypes, carved out of the next slot."""
+        sizes = [-(-int(torch.Size(shape).numel()) * dtype.itemsize // self.ALIGN) * self.ALIGN
+                 for shape, dtype in specs]
+        i = self.turn % len(self.slots)
+        self.turn += 1
+        if self.slots[i].numel() < sum(sizes):
+            self.slots[i] = torch.empty(0, dtype=torch.uint8)  # the old one is freed first
+            self.slots[i] = torch.empty(sum(sizes), dtype=torch.uint8)
+        out, offset = [], 0
+        for (shape, dtype), size in zip(specs, sizes):
+            n = int(torch.Size(shape).numel()) * dtype.itemsize
+            out.append(self.slots[i][offset: offset + n].view(dtype).view(shape))
+            offset += size
+        return out
+
+
+def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reader,
+               buffers: UnitBuffers) -> dict[str, torch.Tensor]:
+    """Global (TP=1) tensors of one unit, keyed by megatron state-dict name, read into the next
+    of ``buffers``."""
+    wanted = []
     for pm in unit_maps:
         key = prefix + pm.sharded_name(layer)
         if key not in stored:
@@ -175,10 +209,13 @@ def _load_unit(layer, unit_maps, mc, stored: dict, path: str, prefix: str, reade
             raise ConversionError(
                 f"{key} is stored as {list(gshape)}, nbdiff.json's model_config implies {list(want)}"
             )
-        dest = torch.empty(shape, dtype=md.properties.dtype)
-        view = dest.view((1,) * (len(gshape) - len(shape)) + tuple(shape))  # one chunk of the leading axes
+        wanted.append((key, pm.megatron_name(layer), gshape, tuple(shape), md.properties.dtype, offsets))
+    requests, out = {}, {}
+    dests = buffers.take([(shape, dtype) for _, _, _, shape, dtype, _ in wanted])
+    for (key, name, gshape, shape, _, offsets), dest in zip(wanted, dests):
+        view = dest.view((1,) * (len(gshape) - len(shape)) + shape)  # one chunk of the leading axes
         requests[key] = (view, offsets)
-        out[pm.megatron_name(layer)] = dest
+        out[name] = dest
     try:
         for key, (view, offsets) in requests.items():
             reader.read(key, view, offsets)
@@ -275,11 +312,12 @@ def convert_megatron_to_hf(
         # and torch release the GIL); at most two units are in memory
         bar = tqdm(plan, desc="exporting", unit="unit", disable=not progress)
         pending = None
+        buffers = UnitBuffers(2)
         t_stream = time.time()
         try:
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 for layer, unit_maps in bar:
-                    loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader)
+                    loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader, buffers)
                     parts = []
                     for pm in unit_maps:
                         parts += _to_hf(pm, layer, loaded.pop(pm.megatron_name(layer)), mc, tdtype, finite)
