@@ -215,3 +215,17 @@ def test_model_from_hf_config_and_checkpoint_dirs(tmp_path, capsys):
     assert "LlamaForCausalLM config.json, vocabulary 1000 + 1 mask token" in out
     code, out, err = _run([str(tmp_path), "--seq-len", "1024", "--global-batch", "8"], capsys)
     assert code == 2 and "neither nbdiff.json" in err
+
+
+def test_moe_model_is_refused_not_misplanned(tmp_path, capsys):
+    """The formulas count one dense MLP per layer: a MoE config is one error line, not a plan."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                        max_position_embeddings=4096)
+    cfg.architectures = ["MixtralForCausalLM"]
+    cfg.save_pretrained(tmp_path / "mixtral")
+    code, out, err = _run([str(tmp_path / "mixtral"), "--seq-len", "4096", "--global-batch", "8"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "mixture-of-experts model (6 experts)" in lines[0], err

@@ -47,7 +47,8 @@ class CheckpointMetadata:
     kind: str
     """``megatron`` (distributed checkpoint under ``weights.path``) or ``hf`` (exported)."""
     family: str
-    """Architecture family: ``llama``, ``qwen2``, ``qwen3`` or ``mistral``."""
+    """Architecture family (``checkpoint/families.py``): ``llama``, ``qwen2``, ``qwen3``,
+    ``mistral``, ``qwen3_moe`` or ``mixtral``."""
     hf_architecture: str
     """The HF class the weights came from and export to (``LlamaForCausalLM``)."""
     model_config: dict[str, Any]

@@ -90,8 +90,8 @@ def load_model(spec: str, seq_len: int) -> ModelSource:
                     f"--seq-len {seq_len} exceeds model_config.max_seq_len {mc.max_seq_len} in "
                     f"{os.path.join(spec, 'nbdiff.json')}: the trainer would refuse the run"
                 )
-            return ModelSource(mc, "checkpoint", spec, None,
-                               f"{spec}: converted {meta.hf_architecture} checkpoint (nbdiff.json)")
+            return check_dense(ModelSource(mc, "checkpoint", spec, None,
+                                           f"{spec}: converted {meta.hf_architecture} checkpoint (nbdiff.json)"))
         if os.path.isfile(os.path.join(spec, "config.json")):
             from ..checkpoint.families import parse_hf_config
 
@@ -99,9 +99,19 @@ def load_model(spec: str, seq_len: int) -> ModelSource:
             hf_vocab = info.model_config.vocab_size
             mc = dataclasses.replace(info.model_config, vocab_size=hf_vocab + 1,
                                      attention_backend="flex")
-            return ModelSource(mc, "hf", spec, hf_vocab,
-                               f"{spec}: {info.family.architecture} config.json, vocabulary "
-                               f"{hf_vocab} + 1 mask token (appended at conversion)")
+            return check_dense(ModelSource(mc, "hf", spec, hf_vocab,
+                                           f"{spec}: {info.family.architecture} config.json, vocabulary "
+                                           f"{hf_vocab} + 1 mask token (appended at conversion)"))
         raise ConfigError(f"model directory {spec} has neither nbdiff.json (a converted checkpoint) "
                           "nor config.json (a Hugging Face model)")
     return named_shape(spec, seq_len)
+
+
+def check_dense(source: ModelSource) -> ModelSource:
+    """``source`` if its model is dense: the planner's parameter, memory and time formulas count
+    one SwiGLU MLP per layer and no expert parallelism, so a mixture-of-experts model is refused
+    (issue #26) rather than planned with wrong numbers."""
+    if source.model.is_moe:
+        raise ConfigError(f"{source.described}: a mixture-of-experts model ({source.model.num_experts} experts); the "
+                          "planner counts dense layers only and cannot plan it yet")
+    return source
