@@ -322,3 +322,24 @@ def test_recipe_comparison_bad_inputs(tmp_path):
             decoding={"ar": {t: dict(accuracy=0.5, tokens_per_forward=1.0) for t in TASKS}})}})))
     r = run("--out", str(tmp_path / "old"), "--report-only")
     assert r.returncode == 2 and "no per-problem correct" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_answer_ends_at_a_newline_or_the_end_of_document_token():
+    """The answer is read up to the first end-of-document token, then up to the first newline:
+    ``58</s>Q: 8`` answers 58 (scored wrong before 2026-12-03), as do ``58\\nQ: ...`` and ``58``."""
+    rc = load("run")
+
+    class Tok:
+        eod_id = 0
+        vocab = {1: "5", 2: "8", 3: "\n", 4: "Q", 5: " "}
+
+        def decode(self, ids):
+            return "".join(self.vocab.get(i, "</s>") for i in ids)
+
+    tok = Tok()
+    assert rc.answer_text([5, 1, 2, 0, 4, 1], tok) == "58"
+    assert rc.answer_text([1, 2, 3, 4, 0], tok) == "58"
+    assert rc.answer_text([1, 2], tok) == "58"
+    assert rc.answer_text([1, 0, 2], tok) == "5"
+    assert rc.evaluated({"scoring": rc.SCORING, "decoding": {"ar": {"copy": {"correct": [1]}}}})
+    assert not rc.evaluated({"decoding": {"ar": {"copy": {"correct": [1]}}}})  # scored by the old rule

@@ -139,16 +139,31 @@ def eval_problems(n: int, seed: int) -> dict[str, list[tuple[str, str]]]:
     return {"addition": held, "addition (trained pairs)": seen, "copy": copies}
 
 
+SCORING = "answer up to the first newline or end-of-document token"
+"""How an answer is read off a decoding (recorded with every evaluation; an evaluation recorded
+under another rule is redone). Until 2026-12-03 the answer ran to the first newline only, so an
+answer the model ended with the end-of-document token (``58</s>``) counted as wrong."""
+
+
+def answer_text(ids: list, tok) -> str:
+    """The answer a decoding gives: its text up to the first end-of-document token and then up to
+    the first newline, stripped (:data:`SCORING`)."""
+    if tok.eod_id in ids:
+        ids = ids[: ids.index(tok.eod_id)]
+    return tok.decode(ids).split("\n")[0].strip()
+
+
 def task_accuracy(runner, problems, tok, max_new_tokens: int, **decode) -> dict:
     """Greedy decoding of every prompt (after an end-of-document token, as each training document
-    starts); right when the text up to the first newline equals the answer. Per problem it keeps
+    starts) for ``max_new_tokens`` tokens whatever it produces (so that tokens per forward compare
+    equal lengths); right when :func:`answer_text` equals the answer. Per problem it keeps
     whether it was right and the tokens and forward passes of its decoding, from which the
     intervals are computed (``intervals.py``)."""
     from megatron_nbdiff.inference import generate
 
     prompts = [[tok.eod_id] + tok.encode(q) for q, _ in problems]
     outs = generate(runner, prompts, max_new_tokens=max_new_tokens, stop_at_eos=False, **decode)
-    correct = [int(o.get("text", "").split("\n")[0].strip() == ans) for (_, ans), o in zip(problems, outs)]
+    correct = [int(answer_text(list(o["token_ids"]), tok) == ans) for (_, ans), o in zip(problems, outs)]
     tokens = [int(o["stats"]["tokens"]) for o in outs]
     passes = [int(o["stats"]["forward_passes"]) for o in outs]
     return dict(accuracy=sum(correct) / len(problems), tokens_per_forward=sum(tokens) / sum(passes),
@@ -258,9 +273,10 @@ ROW_NAMES = tuple(recipes(SIZES["tiny"]))
 
 
 def evaluated(row) -> bool:
-    """Whether a recorded evaluation has the per-problem data the intervals need (evaluations
-    recorded before them are redone)."""
-    return bool(row) and all(isinstance(r.get("correct"), list) for d in row["decoding"].values() for r in d.values())
+    """Whether a recorded evaluation has the per-problem data the intervals need and was scored
+    by :data:`SCORING` (other evaluations are redone)."""
+    return bool(row) and row.get("scoring") == SCORING and all(
+        isinstance(r.get("correct"), list) for d in row["decoding"].values() for r in d.values())
 
 
 def main(argv=None) -> int:
@@ -396,6 +412,7 @@ def main(argv=None) -> int:
                 row["decoding"][how] = {t: task_accuracy(runner, problems[t], tok, MAX_NEW_TOKENS[t], **kw)
                                         for t in TASKS}
             row["seconds"] = time.time() - t
+            row["scoring"] = SCORING
             del runner
             stages.done(name, row)
         row = stages.get(name)
