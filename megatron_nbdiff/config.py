@@ -434,6 +434,11 @@ class TrainConfig:
     """Context-parallel size: every stream's positions split over ``cp`` ranks (megatron's
     load-balanced split into ``2 cp`` chunks; ``seq_len`` a multiple of ``2 cp`` times the largest
     block size). docs/architecture.md, "Context parallelism"."""
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models only): every MoE layer's experts split over
+    ``ep`` ranks, carved out of the data-parallel ranks (``ep`` divides ``num_experts`` and the
+    data-parallel size). Routers, attention and dense layers stay data-parallel; a checkpoint
+    resumes at any ``ep``."""
     dtype: Dtype = "auto"
     """'auto' (bf16 with CUDA, fp32 without), 'bf16' or 'fp32'."""
     log_interval: int = 1
@@ -461,7 +466,7 @@ class TrainConfig:
     """With 'full': the group size ('uniform') or the number of recomputed layers per stage ('block')."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp", "cp",
+        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp", "cp", "ep",
                      "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, found {getattr(self, name)}")

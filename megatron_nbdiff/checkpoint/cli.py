@@ -16,16 +16,18 @@ from typing import Optional, Sequence
 from ..cli import entry
 from .errors import ConversionError
 
-HF_TO_MEGATRON = """Convert a Hugging Face checkpoint (Llama, Qwen2, Qwen3, Mistral; safetensors) into a
-megatron-core distributed checkpoint of megatron_nbdiff, with nbdiff.json and the tokenizer.
+HF_TO_MEGATRON = """Convert a Hugging Face checkpoint (Llama, Qwen2, Qwen3, Mistral, Qwen3-MoE, Mixtral;
+safetensors) into a megatron-core distributed checkpoint of megatron_nbdiff, with nbdiff.json and
+the tokenizer.
 
     python tools/convert_hf_to_megatron.py --hf-dir HF --out-dir OUT --tp 2 --pp 2 \\
         --mask-token append --dtype bf16
 
 --mask-token: ``append`` (add ``<|mask|>``, rows = mean of existing rows), an unused id, a token
 string of the tokenizer's vocabulary, or ``none``. The checkpoint is written in the reshardable
-torch_dist format and loads at any TP/PP; --tp/--pp are checked against the architecture, set the
-vocabulary padding and are recorded as the target layout.
+torch_dist format and loads at any TP/PP(/EP); --tp/--pp are checked against the architecture, set
+the vocabulary padding and are recorded as the target layout, as is --ep (expert parallelism of a
+mixture-of-experts model: it must divide the experts; 1 for a dense model).
 
 The output directory must not exist or be empty; --force replaces an earlier conversion (a
 directory holding nbdiff.json), atomically, and never any other directory. A weight that is NaN
@@ -105,6 +107,8 @@ def hf_to_megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--out-dir", required=True, help="output directory (must not exist or be empty)")
     _into_megatron_options(p, 1, "default 1")
+    p.add_argument("--ep", type=int, default=1,
+                   help="target expert-parallel size of a mixture-of-experts model (default 1)")
     return p
 
 
@@ -143,6 +147,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
     args = hf_to_megatron_parser().parse_args(argv)
     _positive("--tp", args.tp)
     _positive("--pp", args.pp)
+    _positive("--ep", args.ep)
     _positive("--max-seq-len", args.max_seq_len)
     _positive("--make-vocab-size-divisible-by", args.make_vocab_size_divisible_by)
     from .. import compat
@@ -150,7 +155,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
 
     compat.install_safe_loading()
     result = convert_hf_to_megatron(
-        args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, mask_token=args.mask_token,
+        args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, ep=args.ep, mask_token=args.mask_token,
         mask_token_string=args.mask_token_string, dtype=args.dtype, force=args.force,
         max_seq_len=args.max_seq_len, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite,

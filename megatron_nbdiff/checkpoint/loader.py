@@ -24,6 +24,7 @@ def load_model(
     *,
     tp: Optional[int] = None,
     pp: Optional[int] = None,
+    ep: Optional[int] = None,
     dtype: Optional[str] = None,
     parallel_output: bool = False,
     use_te: bool = False,
@@ -32,11 +33,14 @@ def load_model(
 ):
     """An :class:`~megatron_nbdiff.models.NBDiffModel` holding the weights of ``directory``.
 
-    The model is built for the current parallel layout (this rank's TP shard and pipeline stage)
-    and filled through ``dist_checkpointing.load`` of its own sharded state dict, so a checkpoint
-    written at any TP/PP loads at any other. Without an initialised model-parallel state it
-    initialises one at ``tp``/``pp`` (default 1/1; a single process or a torchrun launch); with
-    one, ``tp``/``pp`` (if given) must match it. ``dtype`` defaults to the stored dtype.
+    The model is built for the current parallel layout (this rank's TP shard, pipeline stage and,
+    for a mixture-of-experts model, its experts) and filled through ``dist_checkpointing.load`` of
+    its own sharded state dict, so a checkpoint written at any TP/PP/EP loads at any other.
+    Without an initialised model-parallel state it initialises one at ``tp``/``pp``/``ep``
+    (default 1/1/1; a single process or a torchrun launch); with one, ``tp``/``pp``/``ep`` (if
+    given) must match it. ``ep`` (expert parallelism) must divide the experts of a MoE
+    checkpoint and is 1 for a dense one; both are checked before anything is built. ``dtype``
+    defaults to the stored dtype.
     ``config_overrides`` replace :class:`ModelConfig` fields that do not change the weights
     (``attention_backend``, ``max_seq_len``).
 
@@ -58,17 +62,21 @@ def load_model(
     if bad:
         raise ConversionError(f"load_model cannot override {bad}; only {sorted(allowed)}")
     mc = dataclasses.replace(meta.get_model_config(), **config_overrides)
+    if ep is not None:
+        _check_experts(mc, ep, directory)
     if not parallel_state.model_parallel_is_initialized():
         init_method = None
         if not torch.distributed.is_initialized() and "WORLD_SIZE" not in os.environ:
             init_method = private_init_method()  # one process, no port to collide on
-        initialize_parallel(tp or 1, pp or 1, init_method=init_method)
+        initialize_parallel(tp or 1, pp or 1, init_method=init_method, ep=ep or 1)
     cur_tp = parallel_state.get_tensor_model_parallel_world_size()
     cur_pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp is not None and tp != cur_tp) or (pp is not None and pp != cur_pp):
+    cur_ep = parallel_state.get_expert_model_parallel_world_size() if mc.is_moe else 1
+    if (tp is not None and tp != cur_tp) or (pp is not None and pp != cur_pp) or (ep is not None and ep != cur_ep):
         raise ConversionError(
-            f"asked for TP={tp} PP={pp} but the initialised layout is TP={cur_tp} PP={cur_pp}"
+            f"asked for TP={tp} PP={pp} EP={ep} but the initialised layout is TP={cur_tp} PP={cur_pp} EP={cur_ep}"
         )
+    _check_experts(mc, cur_ep, directory)
     if mc.num_attention_heads % cur_tp or mc.num_query_groups % cur_tp:
         raise ConversionError(
             f"TP={cur_tp} does not divide {mc.num_attention_heads} heads / {mc.num_query_groups} "
@@ -78,7 +86,7 @@ def load_model(
         raise ConversionError(f"PP={cur_pp} does not divide the {mc.num_layers} layers")
     quiet_megatron_logs()
     stage = parallel_state.get_pipeline_model_parallel_rank()
-    tc = mc.transformer_config(tp=cur_tp, pp=cur_pp, dtype=dtype or meta.dtype,
+    tc = mc.transformer_config(tp=cur_tp, pp=cur_pp, ep=cur_ep, dtype=dtype or meta.dtype,
                                perform_initialization=False)
     with torch.no_grad():
         model = NBDiffModel(
@@ -88,6 +96,17 @@ def load_model(
     load_weights(model, directory, meta, strict=strict)
     model.checkpoint_metadata = meta
     return model
+
+
+def _check_experts(mc, ep: int, directory: str) -> None:
+    """Refuse an expert-parallel size the checkpoint's architecture cannot take."""
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise ConversionError(f"expert parallel size must be a positive integer, found {ep!r}")
+    if ep > 1 and not mc.is_moe:
+        raise ConversionError(f"EP={ep}: {directory} holds a dense model; expert parallelism needs a "
+                              "mixture-of-experts one")
+    if mc.is_moe and mc.num_experts % ep:
+        raise ConversionError(f"EP={ep} does not divide the {mc.num_experts} experts of {directory}")
 
 
 def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = None,

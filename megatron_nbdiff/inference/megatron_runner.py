@@ -1,5 +1,7 @@
 """Runner for the project's Megatron model (:class:`~megatron_nbdiff.models.NBDiffModel`) at any
-tensor-parallel size, pipeline size 1.
+tensor-parallel size, pipeline size 1, and for a mixture-of-experts model any expert-parallel
+size (every rank routes the same tokens; megatron's ``allgather`` dispatcher hands each rank's
+experts their tokens and sums the experts' outputs back, so every rank gets every logit).
 
 The KV cache lives in the block-diffusion core attentions (:class:`~megatron_nbdiff.attention.
 core_attention.KVInference`): every layer keeps the post-RoPE keys and values of its own heads
@@ -36,14 +38,16 @@ class MegatronRunner(ModelRunner):
 
     @classmethod
     def from_checkpoint(cls, directory: str, *, tp: Optional[int] = None, dtype: Optional[str] = None,
-                        use_cache: bool = True) -> "MegatronRunner":
+                        use_cache: bool = True, ep: Optional[int] = None) -> "MegatronRunner":
+        """The runner of the checkpoint in ``directory`` at ``tp`` / ``ep`` (None: the initialised
+        layout, else 1); an ``ep`` the model cannot take is refused before anything is built."""
         from ..checkpoint.loader import load_model
         from ..errors import NBDiffError
 
         if not os.path.isdir(directory):
             raise DecodingError(f"model directory not found: {directory}")
         try:
-            model = load_model(directory, tp=tp, pp=1, dtype=dtype, parallel_output=False)
+            model = load_model(directory, tp=tp, pp=1, ep=ep, dtype=dtype, parallel_output=False)
         except NBDiffError as exc:  # a missing, corrupt or untrusted checkpoint, a bad layout
             raise DecodingError(str(exc)) from None
         if torch.cuda.is_available():

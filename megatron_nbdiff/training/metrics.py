@@ -30,6 +30,15 @@ class StepMetrics:
     mfu: Optional[float]
     seconds: float
     skipped: bool = False
+    moe: dict = dataclasses.field(default_factory=dict)
+    """Mixture-of-experts entries (:mod:`.moe_metrics`: expert load per stream, router losses);
+    empty for a dense model. They join the record at its top level."""
+
+    def record(self) -> dict:
+        """The ``metrics.jsonl`` record: the fields, with the ``moe`` entries at the top level."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "moe"}
+        out.update(self.moe)
+        return out
 
 
 def repair_metrics(path: str, start_step: int) -> int:

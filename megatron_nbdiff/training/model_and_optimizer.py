@@ -3,6 +3,16 @@
 The optimizer is megatron-core's (distributed with CUDA; the plain one on CPU, where the
 distributed one cannot run) with gradient clipping; the scheduler is its
 ``OptimizerParamScheduler``.
+
+Mixture-of-experts models: megatron-core's DDP keeps the gradients of expert-parallel parameters
+in buffers of their own, reduced over the expert-data-parallel group and pre-scaled by its size
+over the data x context parallel size (so every expert gradient is the same mean as a dense one),
+and its optimizer steps them in a second, chained optimizer whose gradient norm is summed over
+the expert-parallel ranks. megatron marks expert parameters so only at ``ep > 1``;
+:func:`mark_expert_params` marks them at every ``ep``, so that the optimizer (one chained
+optimizer for the dense and one for the expert parameters) and its sharded state have the same
+structure at any ``ep`` and a checkpoint saved at one resumes at another (the experts' sharded
+keys carry their global expert index already).
 """
 from __future__ import annotations
 
@@ -25,7 +35,8 @@ class ModelAndOptimizer:
     optimizer: object
     scheduler: object
     num_params: int
-    """Parameters over the model-parallel group (all TP shards and PP stages)."""
+    """Parameters of the whole model (all TP shards and PP stages, and every expert: each
+    expert-parallel rank holds ``1 / ep`` of them)."""
 
     def sharded_state(self, optimizer_format: str, loading: bool = False, with_optimizer: bool = True) -> dict:
         """Model (and optimizer) state for ``dist_checkpointing``. The distributed optimizer's
@@ -83,11 +94,12 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
     from ..models import NBDiffModel, unwrap_model
 
     cuda = torch.cuda.is_available()
-    tc = mc.transformer_config(tp=t.tp, pp=t.pp, dtype=dtype, sequence_parallel=t.sequence_parallel,
+    tc = mc.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, dtype=dtype, sequence_parallel=t.sequence_parallel,
                                context_parallel_size=t.cp, **t.recompute_overrides(mc.num_layers // t.pp))
     tc.finalize_model_grads_func = finalize_model_grads
     torch.manual_seed(t.seed)
     model = NBDiffModel(mc, tc, pre_process=first_stage, post_process=last_stage, parallel_output=True)
+    mark_expert_params(model)
     if cuda:
         model.cuda(torch.cuda.current_device())
     if dtype == "bf16":
@@ -114,9 +126,30 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
         wsd_decay_steps=t.wsd_decay_steps if decay_style == "WSD" else None,
         lr_wsd_decay_style="cosine" if decay_style == "WSD" else None,
     )
-    totals = torch.tensor([sum(p.numel() for p in wrapped.parameters())], dtype=torch.float64, device=device)
+    # [dense, expert] parameters of this rank's TP shard and stage, summed over them; the experts
+    # are split evenly over the expert-parallel ranks
+    totals = torch.tensor([sum(p.numel() for p in wrapped.parameters() if getattr(p, "allreduce", True)),
+                           sum(p.numel() for p in wrapped.parameters() if not getattr(p, "allreduce", True))],
+                          dtype=torch.float64, device=device)
     dist.all_reduce(totals, group=model_parallel_group)  # nccl needs device tensors
-    return ModelAndOptimizer(wrapped, unwrap_model(wrapped), optimizer, scheduler, int(totals.item()))
+    num_params = int(totals[0].item() + totals[1].item() * t.ep)
+    return ModelAndOptimizer(wrapped, unwrap_model(wrapped), optimizer, scheduler, num_params)
+
+
+def mark_expert_params(model) -> int:
+    """Mark the routed experts' parameters of every megatron ``MoELayer`` in ``model`` as
+    expert-parallel (``allreduce = False``, what megatron sets at ``ep > 1``), whatever the expert
+    parallel size (module docstring); returns how many were marked. Call before the DDP wrapper
+    and the optimizer are built."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for p in module.experts.parameters():
+                p.allreduce = False
+                marked += 1
+    return marked
 
 
 def optimizer_step(optimizer) -> tuple[bool, float]:
@@ -128,7 +161,13 @@ def optimizer_step(optimizer) -> tuple[bool, float]:
 
 def peak_flops_per_token(num_params: int, mc: ModelConfig, seq: int) -> float:
     """Training FLOPs per token: 6 N for the matmuls plus the attention scores
-    (6 * layers * heads * head_dim * seq, causal-like density)."""
+    (6 * layers * heads * head_dim * seq, causal-like density). For a mixture-of-experts model
+    ``N`` counts the parameters a token uses: the ``num_experts - moe_topk`` SwiGLU experts a
+    token skips in each MoE layer (``3 * hidden * moe_ffn_hidden_size`` weights each) are left
+    out of ``num_params``."""
+    if mc.is_moe:
+        moe_layers = sum(1 for i in range(mc.num_layers) if mc.is_moe_layer(i))
+        num_params -= moe_layers * (mc.num_experts - mc.moe_topk) * 3 * mc.hidden_size * mc.moe_ffn_hidden_size
     return 6 * num_params + 6 * mc.num_layers * mc.num_attention_heads * mc.kv_channels * seq
 
 

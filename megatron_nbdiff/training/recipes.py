@@ -130,6 +130,11 @@ class Recipe(abc.ABC):
         """Length of the sequence the model runs at this block size."""
         return seq_len
 
+    def streams(self, block_size: int) -> tuple[str, ...]:
+        """The streams of the sequence the model runs at this block size, in order, each
+        ``seq_len`` long: ``noisy`` (``x_t``), ``complement`` (``x_t'``) or ``clean`` (``x_0``)."""
+        return ("noisy",)
+
     def metadata_block_size(self, step: int, seq_len: int) -> int:
         """The block size a checkpoint after ``step`` steps records for decoding."""
         return self.block_size(max(step - 1, 0))
@@ -191,6 +196,9 @@ class ARRecipe(Recipe):
     def metadata_block_size(self, step: int, seq_len: int) -> int:
         return 1
 
+    def streams(self, block_size: int) -> tuple[str, ...]:
+        return ("clean",)
+
     def forward_and_loss(self, tokens, sample_index, model, ctx):
         loss_mask = ctx.token_loss_mask(tokens)
         out = model(tokens, layout="causal", doc_ids=ctx.doc_ids)
@@ -233,9 +241,12 @@ class DualStreamRecipe(Recipe):
                 raise ConfigError(f"train.seq_len {seq_len} is not divisible by block size {b} (reached at step {s})")
 
     def stream_length(self, seq_len: int, block_size: int) -> int:
+        return len(self.streams(block_size)) * seq_len
+
+    def streams(self, block_size: int) -> tuple[str, ...]:
         if block_size == 1:
-            return seq_len
-        return (3 if self.cfg.complementary else 2) * seq_len
+            return ("clean",)
+        return ("noisy", "complement", "clean") if self.cfg.complementary else ("noisy", "clean")
 
     def forward_and_loss(self, tokens, sample_index, model, ctx):
         loss_mask = ctx.token_loss_mask(tokens)

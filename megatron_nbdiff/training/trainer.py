@@ -3,7 +3,7 @@
 before any work), ``data.datasets`` (samples, micro-batches, document ids), ``recipes`` (layout,
 noise, block size, forward and loss), ``step`` (the pipeline schedule, loss reduction),
 ``model_and_optimizer``, ``checkpointing`` (the run folder, saves that survive a kill, resume
-with fallbacks) and ``metrics`` (metrics.jsonl, TensorBoard, progress, plots).
+with fallbacks), ``metrics`` (metrics.jsonl, TensorBoard, progress, plots) and ``moe_metrics``.
 
 Data order and noise are pure functions of the step (the ``j``-th sequence of step ``s`` is
 sample ``s * global_batch_size + j``, its noise keyed by (seed, s, sample)), so resuming needs no
@@ -13,7 +13,6 @@ Exit codes (:mod:`megatron_nbdiff.cli`): 0 done, 75 saved after SIGTERM/SIGUSR1/
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -27,11 +26,13 @@ import torch.distributed as dist
 from ..cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_REQUEUE
 from ..config import RunConfig
 from ..errors import TrainingError  # noqa: F401  (re-exported: the trainer's error type)
+from ..parallel import all_ranks_agree
 from .checkpointing import Checkpointer, RunFolder
 from .metrics import MetricsLogger, StepMetrics, step_tokens, throughput
 from .model_and_optimizer import build_model_and_optimizer, mfu, optimizer_step, peak_flops_per_token
+from .moe_metrics import MoEMetrics
 from .step import StepSettings, reduce_parts, run_micro_batches
-from .validation import check_resume, validate_job
+from .validation import check_layout, check_resume, validate_job
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -60,7 +61,8 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         compat.install_safe_loading()
-        initialize_parallel(t.tp, t.pp, seed=t.seed, cp=t.cp)
+        check_layout(cfg)  # a layout the model cannot take, before the process groups
+        initialize_parallel(t.tp, t.pp, seed=t.seed, cp=t.cp, ep=t.ep)
         self.rank = dist.get_rank()
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
@@ -87,9 +89,9 @@ class Trainer:
         self.mo = build_model_and_optimizer(
             self.model_config, t, self.dtype, ps.is_pipeline_first_stage(), self.last_stage,
             ps.get_model_parallel_group(), self.device)
-        self.model, self.inner, self.optimizer, self.scheduler = (
-            self.mo.model, self.mo.inner, self.mo.optimizer, self.mo.scheduler)
-        self.num_params = self.mo.num_params
+        self.model, self.inner, self.optimizer, self.scheduler, self.num_params = (
+            self.mo.model, self.mo.inner, self.mo.optimizer, self.mo.scheduler, self.mo.num_params)
+        self.moe = MoEMetrics.attach(self.inner, self.model_config, t, self.device)
         self.settings = StepSettings(
             recipe=self.recipe, seed=t.seed, mask_token_id=self.plan.mask_token_id, eod_id=self.plan.eod_id,
             seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, device=self.device,
@@ -100,8 +102,6 @@ class Trainer:
         self.start_step = self._resume_or_init()
 
     def _resume_or_init(self) -> int:
-        from ..parallel import all_ranks_agree
-
         self.checkpointer.prepare()
 
         def load(path: str, record: dict) -> None:
@@ -161,7 +161,8 @@ class Trainer:
         util = mfu(tps, peak_flops_per_token(self.num_params, self.model_config, seq), t.peak_tflops,
                    dist.get_world_size())
         return StepMetrics(step, float(parts[0]), float(parts[1]), float(parts[2]), block_size,
-                           self.optimizer.param_groups[0]["lr"], grad_norm, tps, util, seconds, skipped)
+                           self.optimizer.param_groups[0]["lr"], grad_norm, tps, util, seconds, skipped,
+                           self.moe.collect(self.num_micro, self.recipe.streams(block_size)))
 
     def evaluate(self, step: int) -> Optional[dict]:
         if self.valid_ds is None or len(self.valid_ds) == 0:
@@ -187,9 +188,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal (all ranks agree, so all save together)."""
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.device)
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return not all_ranks_agree(self._signal is None, self.device)
 
     def run(self) -> int:
         """Train to ``train.steps``; returns the process exit code."""
@@ -202,7 +201,8 @@ class Trainer:
             if t.eval_interval and (self.valid_ds is None or len(self.valid_ds) == 0) and self.rank == 0:
                 warnings.warn(f"no validation samples in data.split {self.cfg.data.split!r}: evaluation is off")
             self._log(f"recipe {self.recipe.name} ({self.recipe.layout}), {self.num_params / 1e6:.2f}M parameters, "
-                      f"tp={t.tp} pp={t.pp} dp={self.dp}, {self.dtype}, steps {self.start_step}..{t.steps}")
+                      f"tp={t.tp} pp={t.pp} cp={t.cp} ep={t.ep} dp={self.dp}, {self.dtype}, "
+                      f"steps {self.start_step}..{t.steps}")
             self.metrics = MetricsLogger(self.folder, self.rank, self.quiet, self.start_step, t.steps)
             return self._loop()
         finally:
@@ -221,7 +221,7 @@ class Trainer:
                 return self._stop(step)
             m = self.train_step(step)
             ran, skipped = ran + 1, skipped + m.skipped
-            self.metrics.step(dataclasses.asdict(m), step % t.log_interval == 0 or step == t.steps - 1)
+            self.metrics.step(m.record(), step % t.log_interval == 0 or step == t.steps - 1)
             if t.eval_interval and (step + 1) % t.eval_interval == 0:
                 ev = self.evaluate(step)
                 if ev is not None:

@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_interval", "train.eval_interval", "train.eval_iters", "train.peak_tflops",
     "checkpoint.save_interval", "checkpoint.keep",
     # layout: checkpoints reshard to any TP/PP/DP, micro-batching only changes the summation order
-    "train.tp", "train.pp", "train.cp", "train.sequence_parallel", "train.micro_batch_size",
+    "train.tp", "train.pp", "train.cp", "train.ep", "train.sequence_parallel", "train.micro_batch_size",
     "model.attention_backend", "checkpoint.optimizer_format",
     # recomputation replays the same forward (tests/test_recompute.py)
     "train.recompute", "train.recompute_modules", "train.recompute_method", "train.recompute_num_layers",
@@ -31,6 +31,11 @@ RESUMABLE_CHANGES = (
 )
 """Fields a resumed run may change; any other difference from the checkpoint's run config (the
 learning rate, the recipe, the data, the architecture, ...) is refused."""
+
+MODEL_TRAINING_FIELDS = ("attention_backend", "moe_aux_loss_coeff", "moe_z_loss_coeff")
+"""``model`` fields a run may set differently from its init checkpoint's nbdiff.json: they leave
+the weights alone (the attention kernel; the router losses' coefficients, training settings that
+a converted checkpoint records as 0)."""
 
 
 @dataclasses.dataclass
@@ -73,18 +78,38 @@ def _data_tokenizer(cfg: RunConfig):
 
 def resolve_model(cfg: RunConfig, meta) -> Optional[ModelConfig]:
     """The architecture: the config's model section, else the init checkpoint's (``meta``, its
-    nbdiff.json); None when neither is known. A model section that differs from the checkpoint is
-    refused, naming the fields that differ."""
+    nbdiff.json); None when neither is known. A model section that differs from the checkpoint
+    outside :data:`MODEL_TRAINING_FIELDS` is refused, naming the fields that differ."""
     if cfg.model is None:
         return meta.get_model_config() if meta is not None else None
     if meta is not None:
         ours, theirs = cfg.model.to_dict(), meta.get_model_config().to_dict()
-        diff = ", ".join(f"{k}: {ours[k]!r} here, {theirs.get(k)!r} in the checkpoint"
-                         for k in sorted(ours) if ours[k] != theirs.get(k))
+        diff = ", ".join(f"{k}: {ours.get(k)!r} here, {theirs.get(k)!r} in the checkpoint"
+                         for k in sorted(set(ours) | set(theirs))  # a dense dict has no MoE fields
+                         if ours.get(k) != theirs.get(k) and k not in MODEL_TRAINING_FIELDS)
         if diff:
             raise ConfigError(f"the model section differs from the architecture of {cfg.checkpoint.init_from} "
                               f"({diff}); leave 'model' out when starting from a checkpoint")
     return cfg.model
+
+
+def check_layout(cfg: RunConfig, mc: Optional[ModelConfig] = None, world_size: Optional[int] = None) -> None:
+    """The parallel layout of ``cfg`` against the model ``mc`` (None: the config's model section or
+    the init checkpoint's architecture, read from its nbdiff.json) and, when given, the world size.
+    Cheap and collective-free: the trainer calls it before it sets up the process groups, so a
+    layout the model cannot take (``train.ep`` on a dense model or not dividing the experts) is
+    refused as such rather than as a world-size mismatch."""
+    t = cfg.train
+    mc = mc or resolve_model(cfg, _init_metadata(cfg))
+    if mc is None:
+        return  # validate_run names the missing model
+    try:
+        check_parallel_sizes(mc, tp=t.tp, pp=t.pp, cp=t.cp, ep=t.ep, world_size=world_size)
+    except ConfigError as exc:  # name the run config's fields
+        raise ConfigError(f"train.tp/pp/cp/ep = {t.tp}/{t.pp}/{t.cp}/{t.ep}: {exc}") from None
+    if mc.is_moe and t.tp > 1 and not t.sequence_parallel:
+        raise ConfigError(f"train.tp {t.tp} with a mixture-of-experts model needs train.sequence_parallel: true "
+                          "(megatron's MoE layer refuses tensor parallelism without it in training)")
 
 
 def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True,
@@ -113,7 +138,7 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
                           "checkpoint whose nbdiff.json names one")
     if mask is not None and not 0 <= mask < mc.vocab_size:
         raise ConfigError(f"mask token id {mask} is outside the vocabulary (size {mc.vocab_size})")
-    check_parallel_sizes(mc, tp=t.tp, pp=t.pp, cp=t.cp, world_size=world_size)
+    check_layout(cfg, mc, world_size)
     if t.cp > 1:
         from ..attention.context_parallel import check_split
         from ..attention.masks import BLOCK_LAYOUTS
