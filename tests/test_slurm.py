@@ -149,7 +149,7 @@ def test_blend_paths_are_resolved_and_checked(launcher, inputs, monkeypatch, cap
     (["--nodes", 1, "--gpus-per-node", -1], "--gpus-per-node must be >= 0"),
     (["--nodes", 1, "--gpus-per-node", 8, "--procs-per-node", 2], "GPU jobs run one process per GPU"),
     (["--nodes", 1, "--gpus-per-node", 2, "train.tp=4"],
-     "train.tp x train.pp = 4 x 1 = 4 does not divide the 2 processes of 1 node(s) x 2 per node"),
+     "train.tp x train.pp x train.cp = 4 x 1 x 1 = 4 does not divide the 2 processes of 1 node(s) x 2 per node"),
     (["--nodes", 3, "--gpus-per-node", 1, "train.pp=2"], "= 2 does not divide the 3 processes"),
     (["--nodes", 1, "--gpus-per-node", 4, "train.global_batch_size=6"],
      "train.global_batch_size 6 is not divisible by micro_batch_size 4 x data-parallel size 4"),

@@ -73,3 +73,21 @@ def test_configs_fit_their_allocation(name, nodes, gpus, procs):
     cfg = RunConfig.load(os.path.join(ROOT, "examples", "slurm", "configs", name))
     warnings = validate_launch(cfg, nodes, procs, gpus, check_paths=False)
     assert not [w for w in warnings if "architecture is not known" in w]
+
+
+def test_launcher_checks_context_parallel_without_the_paths():
+    """--skip-path-check still refuses a CP layout the trainer would refuse: a chunk that is not a
+    whole number of the curriculum's largest block, or a world TP x PP x CP does not divide."""
+    from megatron_nbdiff.errors import ConfigError
+    from megatron_nbdiff.slurm.errors import LaunchError
+
+    cfg = RunConfig.load(os.path.join(ROOT, "examples", "slurm", "configs", "nbdiff_7b.yaml"))
+    t, world = cfg.train, 8
+    ok = RunConfig.from_dict(dict(cfg.to_dict(), train=dict(cfg.to_dict()["train"], cp=2, tp=1, pp=1)))
+    validate_launch(ok, 1, world, world, check_paths=False)
+    uneven = RunConfig.from_dict(dict(cfg.to_dict(), train=dict(cfg.to_dict()["train"], cp=3, tp=1, pp=1)))
+    with pytest.raises(ConfigError, match="train.cp 3: sequence length 4096 must be a multiple of 2 x cp = 6"):
+        validate_launch(uneven, 2, 6, 6, check_paths=False)  # dp = 12 / 3 = 4 divides the batch
+    with pytest.raises(LaunchError, match="train.tp x train.pp x train.cp = 1 x 1 x 2 = 2 does not divide the 3"):
+        validate_launch(ok, 1, 3, 3, check_paths=False)
+    assert t.seq_len == 4096

@@ -169,34 +169,36 @@ def model_config(cfg):
 
 
 def check_allocation(cfg, nodes: int, procs_per_node: int) -> None:
-    """TP x PP divides the job's processes and the global batch splits over the data-parallel
-    ranks, in the allocation's terms."""
+    """TP x PP x CP divides the job's processes and the global batch splits over the
+    data-parallel ranks (the context-parallel ranks of one data-parallel rank share its samples),
+    in the allocation's terms."""
     t = cfg.train
     world = nodes * procs_per_node
-    model_parallel = t.tp * t.pp
+    model_parallel = t.tp * t.pp * t.cp
     if world % model_parallel != 0:
         raise LaunchError(
-            f"train.tp x train.pp = {t.tp} x {t.pp} = {model_parallel} does not divide the "
+            f"train.tp x train.pp x train.cp = {t.tp} x {t.pp} x {t.cp} = {model_parallel} does not divide the "
             f"{world} processes of {nodes} node(s) x {procs_per_node} per node"
         )
     dp = world // model_parallel
     if t.global_batch_size % (t.micro_batch_size * dp) != 0:
         raise LaunchError(
             f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
-            f"{t.micro_batch_size} x data-parallel size {dp} ({world} processes / (tp {t.tp} x pp {t.pp}))"
+            f"{t.micro_batch_size} x data-parallel size {dp} ({world} processes / (tp {t.tp} x pp {t.pp} "
+            f"x cp {t.cp}))"
         )
 
 
 def _config_only_checks(cfg, mc, world: int) -> None:
     """The part of the trainer's validation that needs no file: used with --skip-path-check."""
-    from ..parallel import check_parallel_sizes
     from ..training.recipes import resolve_recipe
+    from ..training.validation import check_layout
 
     t = cfg.train
     if t.seq_len > mc.max_seq_len:
         raise LaunchError(f"train.seq_len {t.seq_len} exceeds model.max_seq_len {mc.max_seq_len}")
     resolve_recipe(cfg.recipe).check(t.seq_len, t.steps)
-    check_parallel_sizes(mc, tp=t.tp, pp=t.pp, world_size=world)
+    check_layout(cfg, mc, world)  # TP / PP / CP / EP against the model and the world, CP's block split
 
 
 def validate_launch(cfg, nodes: int, procs_per_node: int, gpus_per_node: int,

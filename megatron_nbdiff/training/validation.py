@@ -110,6 +110,15 @@ def check_layout(cfg: RunConfig, mc: Optional[ModelConfig] = None, world_size: O
     if mc.is_moe and t.tp > 1 and not t.sequence_parallel:
         raise ConfigError(f"train.tp {t.tp} with a mixture-of-experts model needs train.sequence_parallel: true "
                           "(megatron's MoE layer refuses tensor parallelism without it in training)")
+    if t.cp > 1:  # no block may straddle two CP ranks (attention/context_parallel.py)
+        from ..attention.context_parallel import check_split
+        from ..attention.masks import BLOCK_LAYOUTS
+
+        recipe = resolve_recipe(cfg.recipe)
+        try:
+            check_split(t.seq_len, t.cp, recipe.curriculum.maximum if recipe.layout in BLOCK_LAYOUTS else 1)
+        except ValueError as exc:
+            raise ConfigError(f"train.cp {t.cp}: {exc}") from None
 
 
 def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: bool = True,
@@ -139,14 +148,6 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
     if mask is not None and not 0 <= mask < mc.vocab_size:
         raise ConfigError(f"mask token id {mask} is outside the vocabulary (size {mc.vocab_size})")
     check_layout(cfg, mc, world_size)
-    if t.cp > 1:
-        from ..attention.context_parallel import check_split
-        from ..attention.masks import BLOCK_LAYOUTS
-
-        try:
-            check_split(t.seq_len, t.cp, recipe.curriculum.maximum if recipe.layout in BLOCK_LAYOUTS else 1)
-        except ValueError as exc:
-            raise ConfigError(f"train.cp {t.cp}: {exc}") from None
     if world_size is not None:
         dp = world_size // (t.tp * t.pp * t.cp)
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
