@@ -287,3 +287,19 @@ def test_blended_datasets(corpus, tmp_path):
     assert type(train).__name__ == "BlendedDataset"
     assert len(train) >= cfg.train.steps * cfg.train.global_batch_size
     assert train[0]["tokens"].shape == (cfg.train.seq_len,)
+
+
+def test_resume_allows_the_listed_model_fields_only(corpus, tmp_path):
+    """model.attention_backend is in RESUMABLE_CHANGES: a checkpoint written with the flex kernel
+    resumes with the dense one; a changed width is another architecture."""
+    import dataclasses
+
+    from megatron_nbdiff.errors import ConfigError
+    from megatron_nbdiff.training.validation import check_resume
+
+    cfg = RunConfig.from_dict(make_config(corpus, tmp_path / "r"))
+    record = dict(config=cfg.to_dict(), model=dataclasses.replace(cfg.model, attention_backend="flex").to_dict())
+    check_resume(record, cfg, cfg.model, "ckpt")
+    wider = dict(record, model=dict(record["model"], hidden_size=128))
+    with pytest.raises(ConfigError, match=r"ckpt holds another architecture \(hidden_size differ\)"):
+        check_resume(wider, cfg, cfg.model, "ckpt")

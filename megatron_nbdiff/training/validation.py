@@ -207,10 +207,14 @@ def check_resume(record: dict, cfg: RunConfig, model: ModelConfig, where: str) -
     :data:`RESUMABLE_CHANGES` (a changed ``lr`` would otherwise be ignored silently), or whose
     architecture differs from ``model`` (a changed ``init_from``)."""
     saved = record.get("config")
-    if record.get("model") is not None and record["model"] != model.to_dict():
-        changed = sorted(k for k in model.to_dict() if record["model"].get(k) != model.to_dict()[k])
-        raise ConfigError(f"{where} holds another architecture ({', '.join(changed[:4])} differ); "
-                          "use a new checkpoint.save_dir")
+    if record.get("model") is not None:
+        now = model.to_dict()
+        # fields that are not the architecture (the attention kernel) may change, as listed
+        changed = sorted(k for k in set(now) | set(record["model"])
+                         if record["model"].get(k) != now.get(k) and f"model.{k}" not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"{where} holds another architecture ({', '.join(changed[:4])} differ); "
+                              "use a new checkpoint.save_dir")
     if not saved:
         raise TrainingError(f"{where}: the checkpoint records no run config; resume it with the version that wrote it")
     # a field the writing version did not have yet counts as its default (a newer version adds
