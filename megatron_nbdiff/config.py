@@ -428,6 +428,11 @@ class TrainConfig:
     """Tensor-parallel size."""
     pp: int = 1
     """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages per pipeline rank (megatron's interleaved 1F1B schedule; with
+    ``pp > 1``): each rank holds ``vpp`` chunks of ``num_layers / (pp * vpp)`` layers, and the
+    micro-batches of a step must be a multiple of ``pp``. docs/architecture.md, "Interleaved
+    pipeline"."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (with tp > 1)."""
     cp: int = 1
@@ -466,7 +471,7 @@ class TrainConfig:
     """With 'full': the group size ('uniform') or the number of recomputed layers per stage ('block')."""
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp", "cp", "ep",
+        for name in ("steps", "micro_batch_size", "global_batch_size", "seq_len", "tp", "pp", "vpp", "cp", "ep",
                      "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, found {getattr(self, name)}")

@@ -60,6 +60,7 @@ def initialize_parallel(
     seed: int = 1234,
     ep: int = 1,
     cp: int = 1,
+    vpp: int = 1,
 ) -> None:
     """Initialise torch.distributed (NCCL with CUDA, gloo without) and megatron's model-parallel
     groups, with ``ep``-way expert parallelism (megatron-core carves the expert-parallel groups
@@ -67,6 +68,7 @@ def initialize_parallel(
     parallelism equals ``tp``), and ``cp``-way context parallelism (every CP rank of a data-parallel
     rank reads the same samples and holds its share of their positions:
     ``megatron_nbdiff/attention/context_parallel.py``; ``tp x cp x pp`` must divide the world).
+    ``vpp`` virtual pipeline stages per pipeline rank (the interleaved schedule).
     Without ``init_method`` and outside torchrun it starts a one-process group."""
     from megatron.core import parallel_state
 
@@ -110,7 +112,7 @@ def initialize_parallel(
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        context_parallel_size=cp,
+        context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
     )
     compat.seed_model_parallel_rng(seed, parallel_state.get_tensor_model_parallel_rank())
 

@@ -192,3 +192,20 @@ def tp_decode(rank, meg_dir, prompts, runs):
     initialize_parallel(2, 1)
     runner = load_runner(meg_dir, tp=2)
     return [[r["token_ids"] for r in generate(runner, prompts, **kw)] for kw in runs]
+
+
+def train_layout_records(rank, data, steps=2, **layout):
+    """The trainer with ``train`` fields ``layout`` (e.g. pp=2, vpp=2) on this gloo world for
+    ``steps`` steps (resuming from the run folder's checkpoint, if any); returns the logged
+    (step, loss, grad_norm) records."""
+    import json as _json
+
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    data = {k: dict(v) for k, v in data.items()}
+    data["train"].update(layout)
+    Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps).run()
+    torch.distributed.barrier()
+    with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(_json.loads, f) if "eval_loss" not in r]

@@ -179,10 +179,10 @@ def test_supported_only_plans_need_no_missing_field(tmp_path, capsys):
                            "--supported-only", "--out-json", str(path)], capsys)
     assert code == 0, err
     plans = json.loads(path.read_text())["plans"]
-    assert plans and all(p["supported_today"] and p["layout"]["vpp"] == 1 for p in plans)
-    # train.recompute and train.cp exist: recomputing and context-parallel layouts are supported
+    assert plans and all(p["supported_today"] and not p["unsupported"] for p in plans)
+    # train.recompute, train.cp and train.vpp exist: such layouts are supported
     assert {p["layout"]["recompute"] for p in plans} >= {"selective"}
-    assert max(p["layout"]["cp"] for p in plans) > 1
+    assert max(p["layout"]["cp"] for p in plans) > 1 and max(p["layout"]["vpp"] for p in plans) > 1
 
 
 @pytest.mark.parametrize("argv, needle", [

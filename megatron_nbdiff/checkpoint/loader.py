@@ -118,6 +118,7 @@ def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = Non
     :func:`~megatron_nbdiff.checkpoint.torch_dist.check_torch_dist`) and read with megatron's and
     torch's unpickling restricted (:func:`megatron_nbdiff.compat.install_safe_loading`); a bad
     checkpoint raises :class:`ConversionError` naming the file."""
+    import torch
     from megatron.core import dist_checkpointing
 
     from .. import compat
@@ -125,6 +126,10 @@ def load_weights(model, directory: str, meta: Optional[CheckpointMetadata] = Non
     from ._runtime import checkpoint_failures, describe_failure, find_in
     from .torch_dist import check_torch_dist
 
+    if isinstance(model, torch.nn.ModuleList):  # the chunks of an interleaved pipeline stage
+        for chunk in model:
+            load_weights(chunk, directory, meta, strict)
+        return
     compat.install_safe_loading()
     meta = meta or read_metadata(directory, kind="megatron")
     path = weights_dir(directory, meta)

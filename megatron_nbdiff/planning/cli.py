@@ -40,7 +40,7 @@ def parser() -> ArgumentParser:
                    help="memory kept for the CUDA context, NCCL and fragmentation (default 5)")
     p.add_argument("--max-micro-batch", type=int, default=8)
     p.add_argument("--supported-only", action="store_true",
-                   help="only layouts the trainer runs today (no VPP yet)")
+                   help="only layouts the trainer runs today (all train.* fields they need exist)")
     p.add_argument("--top", type=int, default=12, help="rows of the table (default 12)")
     p.add_argument("--out-yaml", help="write the best plan as a run config here")
     p.add_argument("--out-json", help="write every fitting plan here")
@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"chosen: {why(best, plans, cluster)}")
     today = best_supported(plans)
     if today is None:
-        print("the trainer as it is today: nothing fits without VPP (issue #25)")
+        print("the trainer as it is today: no fitting layout uses only the train.* fields it has")
     elif today is not best:
         print(f"best the trainer runs today (#{plans.index(today) + 1}): {why(today, plans, cluster)}")
     if args.out_yaml:

@@ -4,8 +4,8 @@ A plan fits when its peak stage (first or last pipeline stage, :mod:`.memory`) n
 the GPU's memory. Fitting plans are ranked by step time (:mod:`.step_time`) in tiers of
 ``TOLERANCE`` (2%: closer than that, the estimate cannot tell them apart); within a tier the plan
 needing fewer fields the trainer lacks comes first, then the one with less memory.
-A plan that needs a ``train.*`` field the trainer does not have yet (today only ``vpp``, the
-interleaved pipeline: issue #25) is ranked with the others and marked; :func:`best_supported` is the best plan the
+A plan that needs a ``train.*`` field the trainer does not have (read from ``TrainConfig``; today
+it has tp, pp, vpp, cp and recompute) is ranked with the others and marked; :func:`best_supported` is the best plan the
 trainer runs today. When nothing fits, :func:`plan` raises one line naming the closest plan, by
 how much it misses and its largest part.
 """

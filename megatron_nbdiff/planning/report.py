@@ -2,9 +2,9 @@
 ``nbdiff-launch-slurm`` accepts), the JSON of all plans and a PNG of their memory breakdown.
 
 The run config holds only fields :class:`~megatron_nbdiff.config.RunConfig` has: a layout field
-the trainer lacks today (``train.cp``, ``train.vpp``, ``train.recompute``) goes into the file's
-comment header and the plan's notes, never into a section, so the file loads and launches as is
-(at the sizes that remain; the header says what the plan assumed).
+the trainer lacked (``train.cp``, ``train.vpp`` and ``train.recompute`` until 2026-12-03; none
+today) would go into the file's comment header and the plan's notes, never into a section, so the
+file loads and launches as is.
 """
 from __future__ import annotations
 

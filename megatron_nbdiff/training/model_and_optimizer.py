@@ -26,12 +26,32 @@ from .. import compat
 from ..config import ModelConfig, TrainConfig
 
 
+class ModelChunks(list):
+    """The DDP-wrapped model chunks of a rank under the interleaved pipeline (``train.vpp``): a
+    list, as megatron's schedule takes them, that also answers the calls the trainer makes on one
+    model."""
+
+    def zero_grad_buffer(self) -> None:
+        for chunk in self:
+            chunk.zero_grad_buffer()
+
+    def train(self) -> None:
+        for chunk in self:
+            chunk.train()
+
+    def eval(self) -> None:
+        for chunk in self:
+            chunk.eval()
+
+
 @dataclasses.dataclass
 class ModelAndOptimizer:
     model: object
-    """The DDP-wrapped model (what the pipeline schedule runs)."""
+    """The DDP-wrapped model (what the pipeline schedule runs); :class:`ModelChunks` with
+    ``train.vpp > 1``."""
     inner: object
-    """The :class:`~megatron_nbdiff.models.NBDiffModel` inside the wrappers."""
+    """The :class:`~megatron_nbdiff.models.NBDiffModel` inside the wrappers; with ``train.vpp > 1``
+    a ``torch.nn.ModuleList`` of one per chunk."""
     optimizer: object
     scheduler: object
     num_params: int
@@ -42,7 +62,10 @@ class ModelAndOptimizer:
         """Model (and optimizer) state for ``dist_checkpointing``. The distributed optimizer's
         state is laid out as ``optimizer_format`` (megatron-core's ``distrib_optim_sharding_type``:
         ``dp_reshardable`` or ``fully_reshardable``); the plain optimizer ignores it."""
-        model_sd = self.inner.sharded_state_dict()
+        if isinstance(self.inner, torch.nn.ModuleList):  # virtual pipeline chunks: keys are global
+            model_sd = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.inner)}
+        else:
+            model_sd = self.inner.sharded_state_dict()
         if not with_optimizer:
             return {"model": model_sd}
         metadata = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
@@ -61,7 +84,11 @@ class ModelAndOptimizer:
                                     with_optimizer=not first)
         with compat.cpu_device_mode():
             loaded = dist_checkpointing.load(wanted, path)
-        self.inner.gpt.load_state_dict(loaded["model"])
+        if isinstance(self.inner, torch.nn.ModuleList):
+            for i, chunk in enumerate(self.inner):
+                chunk.gpt.load_state_dict(loaded["model"][f"chunk{i}"])
+        else:
+            self.inner.gpt.load_state_dict(loaded["model"])
         if "optimizer" in loaded:
             self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(record["scheduler"])
@@ -94,21 +121,29 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
     from ..models import NBDiffModel, unwrap_model
 
     cuda = torch.cuda.is_available()
+    from megatron.core import parallel_state as ps
+
+    vpp = t.vpp if t.vpp > 1 else None
     tc = mc.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, dtype=dtype, sequence_parallel=t.sequence_parallel,
-                               context_parallel_size=t.cp, **t.recompute_overrides(mc.num_layers // t.pp))
+                               context_parallel_size=t.cp, virtual_pipeline_model_parallel_size=vpp,
+                               **t.recompute_overrides(mc.num_layers // (t.pp * t.vpp)))
     tc.finalize_model_grads_func = finalize_model_grads
     torch.manual_seed(t.seed)
-    model = NBDiffModel(mc, tc, pre_process=first_stage, post_process=last_stage, parallel_output=True)
-    mark_expert_params(model)
-    if cuda:
-        model.cuda(torch.cuda.current_device())
-    if dtype == "bf16":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(tc, model)
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cuda,
                                             overlap_grad_reduce=False, average_in_collective=True)
-    wrapped = DistributedDataParallel(tc, ddp_cfg, model)
+    chunks = []
+    for stage in range(t.vpp) if vpp else [None]:  # interleaved: chunk i holds virtual stage i
+        pre = first_stage if vpp is None else ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = last_stage if vpp is None else ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = NBDiffModel(mc, tc, pre_process=pre, post_process=post, parallel_output=True, vp_stage=stage)
+        mark_expert_params(model)
+        if cuda:
+            model.cuda(torch.cuda.current_device())
+        if dtype == "bf16":
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(tc, model)
+        chunks.append(DistributedDataParallel(tc, ddp_cfg, model, disable_bucketing=bool(stage)))
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
@@ -116,7 +151,7 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
         use_distributed_optimizer=cuda,
     )
     with compat.cpu_device_mode():
-        optimizer = get_megatron_optimizer(opt_cfg, [wrapped])
+        optimizer = get_megatron_optimizer(opt_cfg, chunks)
     decay_style = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}[t.lr_schedule]
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
@@ -128,12 +163,16 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
     )
     # [dense, expert] parameters of this rank's TP shard and stage, summed over them; the experts
     # are split evenly over the expert-parallel ranks
-    totals = torch.tensor([sum(p.numel() for p in wrapped.parameters() if getattr(p, "allreduce", True)),
-                           sum(p.numel() for p in wrapped.parameters() if not getattr(p, "allreduce", True))],
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    totals = torch.tensor([sum(p.numel() for p in params if getattr(p, "allreduce", True)),
+                           sum(p.numel() for p in params if not getattr(p, "allreduce", True))],
                           dtype=torch.float64, device=device)
     dist.all_reduce(totals, group=model_parallel_group)  # nccl needs device tensors
     num_params = int(totals[0].item() + totals[1].item() * t.ep)
-    return ModelAndOptimizer(wrapped, unwrap_model(wrapped), optimizer, scheduler, num_params)
+    if vpp is None:
+        return ModelAndOptimizer(chunks[0], unwrap_model(chunks[0]), optimizer, scheduler, num_params)
+    return ModelAndOptimizer(ModelChunks(chunks), torch.nn.ModuleList([unwrap_model(c) for c in chunks]),
+                             optimizer, scheduler, num_params)
 
 
 def mark_expert_params(model) -> int:

@@ -116,7 +116,10 @@ def run_micro_batches(settings: StepSettings, model, step: int, block_size: int,
     with compat.cpu_device_mode():
         return get_forward_backward_func()(
             forward_step_func=forward_step_func(settings, step, block_size, normaliser),
-            data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+            # the interleaved schedule (train.vpp) takes a list of model chunks, each reading the
+            # micro-batches through its own iterator
+            data_iterator=[iter(batches) for _ in model] if isinstance(model, list) else iter(batches),
+            model=model if isinstance(model, list) else [model], num_microbatches=len(batches),
             seq_length=settings.recipe.stream_length(settings.seq_len, block_size) // settings.cp,
             micro_batch_size=settings.micro_batch_size, forward_only=forward_only,
         )

@@ -62,7 +62,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         compat.install_safe_loading()
         check_layout(cfg)  # a layout the model cannot take, before the process groups
-        initialize_parallel(t.tp, t.pp, seed=t.seed, cp=t.cp, ep=t.ep)
+        initialize_parallel(t.tp, t.pp, seed=t.seed, cp=t.cp, ep=t.ep, vpp=t.vpp)
         self.rank = dist.get_rank()
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")

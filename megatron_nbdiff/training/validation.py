@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.log_interval", "train.eval_interval", "train.eval_iters", "train.peak_tflops",
     "checkpoint.save_interval", "checkpoint.keep",
     # layout: checkpoints reshard to any TP/PP/DP, micro-batching only changes the summation order
-    "train.tp", "train.pp", "train.cp", "train.ep", "train.sequence_parallel", "train.micro_batch_size",
+    "train.tp", "train.pp", "train.vpp", "train.cp", "train.ep", "train.sequence_parallel", "train.micro_batch_size",
     "model.attention_backend", "checkpoint.optimizer_format",
     # recomputation replays the same forward (tests/test_recompute.py)
     "train.recompute", "train.recompute_modules", "train.recompute_method", "train.recompute_num_layers",
@@ -107,6 +107,9 @@ def check_layout(cfg: RunConfig, mc: Optional[ModelConfig] = None, world_size: O
         check_parallel_sizes(mc, tp=t.tp, pp=t.pp, cp=t.cp, ep=t.ep, world_size=world_size)
     except ConfigError as exc:  # name the run config's fields
         raise ConfigError(f"train.tp/pp/cp/ep = {t.tp}/{t.pp}/{t.cp}/{t.ep}: {exc}") from None
+    if t.vpp > 1 and (t.pp < 2 or mc.num_layers % (t.pp * t.vpp) != 0):
+        raise ConfigError(f"train.vpp {t.vpp} needs train.pp > 1 and train.pp x train.vpp dividing num_layers="
+                          f"{mc.num_layers} (train.pp is {t.pp})")
     if mc.is_moe and t.tp > 1 and not t.sequence_parallel:
         raise ConfigError(f"train.tp {t.tp} with a mixture-of-experts model needs train.sequence_parallel: true "
                           "(megatron's MoE layer refuses tensor parallelism without it in training)")
@@ -153,6 +156,11 @@ def validate_run(cfg: RunConfig, world_size: Optional[int] = None, check_data: b
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
             raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by micro_batch_size "
                               f"{t.micro_batch_size} x data-parallel size {dp}")
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        if t.vpp > 1 and micro % t.pp != 0:
+            raise ConfigError(f"train.vpp {t.vpp}: the interleaved schedule needs the {micro} micro-batches of a step "
+                              f"(global_batch_size / (micro_batch_size x data-parallel size {dp})) to be a multiple "
+                              f"of train.pp {t.pp}")
     tok = _data_tokenizer(cfg)
     if tok.eod_id is None:
         raise ConfigError(f"tokenizer {tok.path} has no end-of-document (eos) token")
