@@ -122,9 +122,10 @@ def model_vs_reference(rank, world, port, L=16, B=4):
     return results
 
 
-def train_records(rank, data, cp=2, steps=3):
-    """The trainer at ``train.cp = cp`` on this gloo world for ``steps`` steps (resuming from the
-    run folder's checkpoint, if any); returns the logged (step, loss, grad_norm) records."""
+def train_records(rank, data, steps=3, **layout):
+    """The trainer with the ``train`` fields ``layout`` (``cp=2``, ``tp=2``...) on this gloo world
+    for ``steps`` steps (resuming from the run folder's checkpoint, if any); returns the logged
+    (step, loss, grad_norm) records."""
     import json
     import os
 
@@ -132,7 +133,7 @@ def train_records(rank, data, cp=2, steps=3):
     from megatron_nbdiff.training.trainer import Trainer
 
     data = {k: dict(v) for k, v in data.items()}
-    data["train"].update(cp=cp)
+    data["train"].update(layout)
     Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps).run()
     dist.barrier()
     with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:

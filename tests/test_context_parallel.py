@@ -44,7 +44,11 @@ def test_cp2_model_equals_cp1(tmp_path):
             assert r["grads"] < 1e-5 * max(1.0, r["grad_scale"]), (rank, layout, r)
 
 
-@pytest.mark.parametrize("recipe", [dict(name="nbdiff", block_size=4), dict(name="diffullama", anneal_steps=4)])
+@pytest.mark.parametrize("recipe", [
+    dict(name="nbdiff", block_interval=1, block_max=8),  # block sizes 1, 2, 4, 8 at steps 0..3
+    dict(name="diffullama", anneal_steps=4),  # during annealing
+    dict(name="ar"),
+], ids=["nbdiff-curriculum", "diffullama", "ar"])
 def test_cp2_training_equals_cp1_and_checkpoints_cross_cp(corpus, tmp_path, recipe):
     """train.cp = 2 on two processes from one step-0 checkpoint gives the CP=1 losses and gradient
     norms step for step (packed documents, the step normaliser, DDP over data x context ranks);
@@ -68,8 +72,9 @@ def test_cp2_training_equals_cp1_and_checkpoints_cross_cp(corpus, tmp_path, reci
     shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
     assert run(one)[0] == 0
     ref = losses(tmp_path / "one")
-    got = run_world("_cp_workers", "train_records", str(tmp_path / "out"),
-                    data=two, cp=2, steps=2)[0]
+    if recipe["name"] == "nbdiff":
+        assert [ref[s]["block_size"] for s in range(4)] == [1, 2, 4, 8]
+    got = run_world("_cp_workers", "train_records", str(tmp_path / "out"), data=two, cp=2, steps=2)[0]
     assert [s for s, _, _ in got] == [0, 1]
     for step, loss, grad_norm in got:
         assert loss == pytest.approx(ref[step]["loss"], rel=1e-5), (step, got, ref)
@@ -101,3 +106,45 @@ def test_cp_layout_errors_before_any_work(corpus, tmp_path):
     with pytest.raises(ConfigError, match="train.cp must be >= 1"):
         check(1, cp=0)
     assert not (tmp_path / "r").exists()
+
+
+def test_cp2_tp2_step_equals_tp2(corpus, tmp_path):
+    """One nbdiff step at CP=2 x TP=2 (four processes) equals TP=2 (two processes) from the same
+    step-0 checkpoint: loss and gradient norm."""
+    import shutil
+
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    from _fixtures import make_config
+
+    def config(name):
+        return make_config(corpus, tmp_path / name, recipe=dict(name="nbdiff", block_size=4),
+                           train=dict(steps=2, warmup_steps=1), checkpoint=dict(save_dir=str(tmp_path / name)))
+
+    tp2, both = config("tp2"), config("both")
+    init = Trainer(RunConfig.from_dict(tp2), quiet=True)
+    init.setup()
+    init.save(0)
+    shutil.copytree(tmp_path / "tp2" / "checkpoints", tmp_path / "both" / "checkpoints")
+    ref = run_world("_cp_workers", "train_records", str(tmp_path / "o2"), data=tp2, steps=1, tp=2)[0]
+    got = run_world("_cp_workers", "train_records", str(tmp_path / "o4"), world=4, data=both, steps=1, tp=2, cp=2)[0]
+    assert len(ref) == len(got) == 1
+    assert got[0][1] == pytest.approx(ref[0][1], rel=1e-5) and got[0][2] == pytest.approx(ref[0][2], rel=1e-4)
+
+
+def test_cp_traffic_benchmark_counts_half_of_a_generic_gather(tmp_path):
+    """benchmarks/cp_traffic.py: the dual layout's CP moves the clean stream only, half of what a
+    gather of both streams moves; the counted collectives equal the bytes from the shapes (the
+    script asserts it)."""
+    import os
+    import subprocess
+    import sys
+
+    from _gloo import free_port
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cp_traffic.py")
+    r = subprocess.run([sys.executable, script, "--cp", "2", "--seq-len", "128", "--block", "8", "--head-dim", "16",
+                        "--port", str(free_port())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dual / generic: 0.50" in r.stdout
