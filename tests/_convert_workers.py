@@ -33,6 +33,23 @@ def tiny_tokenizer(directory: str, n_tokens: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="w1").save_pretrained(directory)
 
 
+def random_hf_model(model_name: str, cfg, seed: int):
+    """The transformers ``model_name`` of ``cfg`` (eval, sdpa) with weights drawn large enough that
+    a mapping mistake changes the logits visibly: norms ``1 + 0.2 N(0, 1)``, the rest ``N(0, 0.15)``."""
+    import transformers
+
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return model
+
+
 def make_hf_checkpoint(directory: str, family: str, *, vocab: int = 150, layers: int = 2,
                        tie=None, tokenizer_tokens=None, seed: int = 0, dtype=torch.float32,
                        max_shard_size=None, rope=None):
@@ -48,15 +65,7 @@ def make_hf_checkpoint(directory: str, family: str, *, vocab: int = 150, layers:
         rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=tied if tie is None else tie,
         **({} if rope is None else {"rope_parameters": dict(rope, rope_theta=5000.0)}), **extra,
     )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15)
+    model = random_hf_model(model_name, cfg, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if dtype == torch.float32:
         model.save_pretrained(directory, **kwargs)

@@ -33,15 +33,9 @@ def make_moe_checkpoint(directory: str, family: str, *, seed: int = 0, **fields)
         max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=False,
         **dict(extra, **fields),
     )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.15)
+    from _convert_workers import random_hf_model
+
+    model = random_hf_model(model_name, cfg, seed)
     model.save_pretrained(directory)
     return model
 
