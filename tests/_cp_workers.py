@@ -120,21 +120,3 @@ def model_vs_reference(rank, world, port, L=16, B=4):
             scale = max(scale, r.grad.abs().max().item())
         results[layout] = dict(logits=logit_err, grads=grad_err, grad_scale=scale, positions=pos.tolist())
     return results
-
-
-def train_records(rank, data, steps=3, **layout):
-    """The trainer with the ``train`` fields ``layout`` (``cp=2``, ``tp=2``...) on this gloo world
-    for ``steps`` steps (resuming from the run folder's checkpoint, if any); returns the logged
-    (step, loss, grad_norm) records."""
-    import json
-    import os
-
-    from megatron_nbdiff.config import RunConfig
-    from megatron_nbdiff.training.trainer import Trainer
-
-    data = {k: dict(v) for k, v in data.items()}
-    data["train"].update(layout)
-    Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps).run()
-    dist.barrier()
-    with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
-        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "eval_loss" not in r]

@@ -194,10 +194,10 @@ def tp_decode(rank, meg_dir, prompts, runs):
     return [[r["token_ids"] for r in generate(runner, prompts, **kw)] for kw in runs]
 
 
-def train_layout_records(rank, data, steps=2, **layout):
-    """The trainer with ``train`` fields ``layout`` (e.g. pp=2, vpp=2) on this gloo world for
-    ``steps`` steps (resuming from the run folder's checkpoint, if any); returns the logged
-    (step, loss, grad_norm) records."""
+def train_records(rank, data, steps=2, **layout):
+    """The trainer with the ``train`` fields ``layout`` (``pp=2, vpp=2``, ``cp=2``, ``tp=2``...) on
+    this gloo world for ``steps`` steps (resuming from the run folder's checkpoint, if any);
+    returns the logged (step, loss, grad_norm) records."""
     import json as _json
 
     from megatron_nbdiff.config import RunConfig

@@ -55,3 +55,37 @@ def losses(save_dir) -> dict:
     """Training records of a run's metrics.jsonl by step."""
     with open(os.path.join(save_dir, "metrics.jsonl")) as f:
         return {r["step"]: r for r in map(json.loads, f) if "eval_loss" not in r}
+
+
+def same_start(first: dict, *others: dict) -> None:
+    """Save a step-0 checkpoint of run config ``first`` (its random weights) and copy it into the
+    run folder of every config in ``others``: runs in other layouts then start from the same
+    weights (random initialisation draws differ between layouts)."""
+    import shutil
+
+    from megatron_nbdiff.config import RunConfig
+    from megatron_nbdiff.training.trainer import Trainer
+
+    init = Trainer(RunConfig.from_dict(first), quiet=True)
+    init.setup()
+    init.save(0)
+    for data in others:
+        shutil.copytree(os.path.join(first["checkpoint"]["save_dir"], "checkpoints"),
+                        os.path.join(data["checkpoint"]["save_dir"], "checkpoints"))
+
+
+def check_steps_then_resume(ref: dict, got: list, other: dict) -> None:
+    """``got`` (``(step, loss, grad_norm)`` of steps 0 and 1 in another layout, saving at step 2)
+    equals the one-process records ``ref``; the other layout's step-2 checkpoint, resumed in this
+    process, continues with ``ref``'s losses at steps 2 and 3."""
+    import pytest
+
+    assert [s for s, _, _ in got] == [0, 1]
+    for step, loss, grad_norm in got:
+        assert loss == pytest.approx(ref[step]["loss"], rel=1e-5), (step, got, ref)
+        assert grad_norm == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (step, got, ref)
+    code, trainer = run(other)
+    assert code == 0 and trainer.start_step == 2
+    resumed = losses(other["checkpoint"]["save_dir"])
+    for step in (2, 3):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step

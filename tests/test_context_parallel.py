@@ -53,38 +53,20 @@ def test_cp2_training_equals_cp1_and_checkpoints_cross_cp(corpus, tmp_path, reci
     """train.cp = 2 on two processes from one step-0 checkpoint gives the CP=1 losses and gradient
     norms step for step (packed documents, the step normaliser, DDP over data x context ranks);
     its step-2 checkpoint resumed at CP=1 continues exactly as the CP=1 run does."""
-    import shutil
-
-    from megatron_nbdiff.config import RunConfig
-    from megatron_nbdiff.training.trainer import Trainer
-
-    from _fixtures import losses, make_config, run
+    from _fixtures import check_steps_then_resume, losses, make_config, run, same_start
 
     def config(name, **ckpt):
         return make_config(corpus, tmp_path / name, recipe=recipe, train=dict(steps=4, warmup_steps=1),
                            checkpoint=dict(save_dir=str(tmp_path / name), **ckpt))
 
-    one = config("one")
-    init = Trainer(RunConfig.from_dict(one), quiet=True)
-    init.setup()
-    init.save(0)
-    two = config("two", save_interval=2)
-    shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
+    one, two = config("one"), config("two", save_interval=2)
+    same_start(one, two)
     assert run(one)[0] == 0
     ref = losses(tmp_path / "one")
     if recipe["name"] == "nbdiff":
         assert [ref[s]["block_size"] for s in range(4)] == [1, 2, 4, 8]
-    got = run_world("_cp_workers", "train_records", str(tmp_path / "out"), data=two, cp=2, steps=2)[0]
-    assert [s for s, _, _ in got] == [0, 1]
-    for step, loss, grad_norm in got:
-        assert loss == pytest.approx(ref[step]["loss"], rel=1e-5), (step, got, ref)
-        assert grad_norm == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (step, got, ref)
-    # the CP=2 run's step-2 checkpoint, resumed on one process (CP=1)
-    code, trainer = run(two)
-    assert code == 0 and trainer.start_step == 2
-    resumed = losses(tmp_path / "two")
-    for step in (2, 3):
-        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+    got = run_world("_dist_workers", "train_records", str(tmp_path / "out"), data=two, cp=2, steps=2)[0]
+    check_steps_then_resume(ref, got, two)  # then the CP=2 checkpoint at CP=1
 
 
 def test_cp_layout_errors_before_any_work(corpus, tmp_path):
@@ -111,24 +93,16 @@ def test_cp_layout_errors_before_any_work(corpus, tmp_path):
 def test_cp2_tp2_step_equals_tp2(corpus, tmp_path):
     """One nbdiff step at CP=2 x TP=2 (four processes) equals TP=2 (two processes) from the same
     step-0 checkpoint: loss and gradient norm."""
-    import shutil
-
-    from megatron_nbdiff.config import RunConfig
-    from megatron_nbdiff.training.trainer import Trainer
-
-    from _fixtures import make_config
+    from _fixtures import make_config, same_start
 
     def config(name):
         return make_config(corpus, tmp_path / name, recipe=dict(name="nbdiff", block_size=4),
                            train=dict(steps=2, warmup_steps=1), checkpoint=dict(save_dir=str(tmp_path / name)))
 
     tp2, both = config("tp2"), config("both")
-    init = Trainer(RunConfig.from_dict(tp2), quiet=True)
-    init.setup()
-    init.save(0)
-    shutil.copytree(tmp_path / "tp2" / "checkpoints", tmp_path / "both" / "checkpoints")
-    ref = run_world("_cp_workers", "train_records", str(tmp_path / "o2"), data=tp2, steps=1, tp=2)[0]
-    got = run_world("_cp_workers", "train_records", str(tmp_path / "o4"), world=4, data=both, steps=1, tp=2, cp=2)[0]
+    same_start(tp2, both)
+    ref = run_world("_dist_workers", "train_records", str(tmp_path / "o2"), data=tp2, steps=1, tp=2)[0]
+    got = run_world("_dist_workers", "train_records", str(tmp_path / "o4"), world=4, data=both, steps=1, tp=2, cp=2)[0]
     assert len(ref) == len(got) == 1
     assert got[0][1] == pytest.approx(ref[0][1], rel=1e-5) and got[0][2] == pytest.approx(ref[0][2], rel=1e-4)
 

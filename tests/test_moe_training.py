@@ -83,7 +83,7 @@ def test_cp2_moe_training_equals_cp1_with_the_same_load_per_stream(corpus, tmp_p
     one = moe_config(corpus, tmp_path / "one", model=router, recipe=dict(block_size=4), train=dict(steps=2))
     assert run(one)[0] == 0
     two = moe_config(corpus, tmp_path / "two", model=router, recipe=dict(block_size=4), train=dict(steps=2))
-    run_world("_cp_workers", "train_records", str(tmp_path / "out"), data=two, cp=2, steps=2)
+    run_world("_dist_workers", "train_records", str(tmp_path / "out"), data=two, cp=2, steps=2)
     ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(2):
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step

@@ -1,41 +1,24 @@
 """train.vpp: megatron's interleaved 1F1B schedule over model chunks (PP=2 x VPP=2, four layers
 on two gloo processes) trains exactly as one process does, and its checkpoint resumes without
 the virtual pipeline."""
-import shutil
-
 import pytest
 
 from megatron_nbdiff.config import RunConfig
 
 from _dist_workers import run_two_process
-from _fixtures import losses, make_config, run
+from _fixtures import check_steps_then_resume, losses, make_config, run, same_start
 
 
 def test_interleaved_pipeline_equals_one_process_and_checkpoints_cross_layouts(corpus, tmp_path):
-    from megatron_nbdiff.training.trainer import Trainer
-
     def config(name, **ckpt):
         return make_config(corpus, tmp_path / name, model=dict(num_layers=4), recipe=dict(block_size=4),
                            train=dict(steps=4, warmup_steps=1), checkpoint=dict(save_dir=str(tmp_path / name), **ckpt))
 
-    one = config("one")
-    init = Trainer(RunConfig.from_dict(one), quiet=True)  # one step-0 checkpoint for both layouts
-    init.setup()
-    init.save(0)
-    two = config("two", save_interval=2)
-    shutil.copytree(tmp_path / "one" / "checkpoints", tmp_path / "two" / "checkpoints")
+    one, two = config("one"), config("two", save_interval=2)
+    same_start(one, two)
     assert run(one)[0] == 0
-    ref = losses(tmp_path / "one")
-    got = run_two_process("train_layout_records", str(tmp_path / "out"), data=two, steps=2, pp=2, vpp=2)[1]
-    assert [s for s, _, _ in got] == [0, 1]
-    for step, loss, grad_norm in got:
-        assert loss == pytest.approx(ref[step]["loss"], rel=1e-5), (step, got, ref)
-        assert grad_norm == pytest.approx(ref[step]["grad_norm"], rel=1e-4), (step, got, ref)
-    code, trainer = run(two)  # the PP=2 x VPP=2 checkpoint of step 2, on one process
-    assert code == 0 and trainer.start_step == 2
-    resumed = losses(tmp_path / "two")
-    for step in (2, 3):
-        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+    got = run_two_process("train_records", str(tmp_path / "out"), data=two, steps=2, pp=2, vpp=2)[1]
+    check_steps_then_resume(losses(tmp_path / "one"), got, two)  # then the PP=2 x VPP=2 checkpoint at PP=1
 
 
 def test_virtual_pipeline_layout_errors(corpus, tmp_path):
