@@ -8,6 +8,7 @@ import os
 import shutil
 
 import torch
+from safetensors import safe_open
 
 from _gloo import run_world
 
@@ -185,3 +186,26 @@ def layouts(rank, world, port, jobs):
 def write_json(path, data):
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def hf_tensors(directory: str) -> dict:
+    """Every tensor of the HF safetensors checkpoint in ``directory`` (sharded or not)."""
+    out = {}
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    for name in files:
+        with safe_open(os.path.join(directory, name), "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def assert_same_hf_tensors(a: str, b: str) -> None:
+    """The two HF checkpoints hold the same tensor names, dtypes and values, bit for bit."""
+    ta, tb = hf_tensors(a), hf_tensors(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k

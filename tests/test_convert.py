@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from megatron_nbdiff.checkpoint import (
     CheckpointMetadataError,
@@ -24,7 +23,7 @@ from megatron_nbdiff.checkpoint import (
 from megatron_nbdiff.checkpoint.metadata import FORMAT_VERSION
 from megatron_nbdiff.cli import run_main
 
-from _convert_workers import hf_logits, input_ids, make_hf_checkpoint, run_layouts
+from _convert_workers import assert_same_hf_tensors, hf_logits, input_ids, make_hf_checkpoint, run_layouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
@@ -167,33 +166,12 @@ def test_two_process_tp2_pp2_and_reshard(hf, converted, work, tmp_path):
         torch.testing.assert_close(_logits(model, ids), results[0][fam]["tp2"], atol=1e-5, rtol=0)
         out = str(tmp_path / f"hf_from_tp2_{fam}")
         convert_megatron_to_hf(path, out, progress=False)
-        _assert_same_hf_tensors(hf[fam][0], out)
+        assert_same_hf_tensors(hf[fam][0], out)
     model = load_model(str(work / "pp2_written_qwen3")).eval()
     assert (_logits(model, ids) - hf_logits(hf["qwen3"][1], ids)).abs().max().item() < ATOL
 
 
 # --- round trips and the mask token -----------------------------------------------------------
-
-
-def _tensors(directory):
-    out = {}
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    for name in files:
-        with safe_open(os.path.join(directory, name), "pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    return out
-
-
-def _assert_same_hf_tensors(a, b):
-    ta, tb = _tensors(a), _tensors(b)
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -203,7 +181,7 @@ def test_round_trip_is_exact(family, hf, converted, tmp_path):
     out = str(tmp_path / "hf_out")
     result = convert_megatron_to_hf(converted[family], out, max_shard_size="60KB", progress=False)
     assert result.metadata.kind == "hf"
-    _assert_same_hf_tensors(hf[family][0], out)
+    assert_same_hf_tensors(hf[family][0], out)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     config = json.load(open(os.path.join(out, "config.json")))
     original = json.load(open(os.path.join(hf[family][0], "config.json")))
@@ -258,7 +236,7 @@ def test_bf16_round_trip_is_exact(tmp_path):
     result = convert_hf_to_megatron(src, mg, mask_token="none", progress=False)
     assert result.dtype == "bf16" and read_metadata(mg).dtype == "bf16"
     convert_megatron_to_hf(mg, out, progress=False)
-    _assert_same_hf_tensors(src, out)
+    assert_same_hf_tensors(src, out)
     model = load_model(mg, dtype="fp32").eval()
     ids = input_ids(VOCAB, seed=4)
     assert (_logits(model, ids) - hf_logits(ref, ids)).abs().max().item() < ATOL
@@ -528,6 +506,6 @@ def test_adapted_checkpoint_layout_with_optimizer_state_exports(hf, converted, t
                                atol=0, rtol=0)
     out = str(tmp_path / "out")
     convert_megatron_to_hf(str(ckpt), out, progress=False)
-    _assert_same_hf_tensors(hf["llama"][0], out)
+    assert_same_hf_tensors(hf["llama"][0], out)
     exported = read_metadata(out, kind="hf")
     assert (exported.recipe, exported.step, exported.block_size) == ("nbdiff", 10, 4)

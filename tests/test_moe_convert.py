@@ -13,7 +13,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from megatron_nbdiff.checkpoint import (
     ConversionError,
@@ -25,6 +24,7 @@ from megatron_nbdiff.checkpoint import (
 from megatron_nbdiff.config import ModelConfig
 from megatron_nbdiff.errors import ConfigError
 
+from _convert_workers import assert_same_hf_tensors
 from _moe_workers import EXPERTS, VOCAB, make_moe_checkpoint, run_layout
 
 FAMILIES = ["qwen3_moe", "mixtral"]
@@ -68,24 +68,6 @@ def converted(hf, work):
         out[fam] = str(work / f"mg_{fam}")
         convert_hf_to_megatron(hf[fam][0], out[fam], tp=2, pp=2, ep=2, mask_token="none", progress=False)
     return out
-
-
-def _tensors(directory):
-    out = {}
-    index = os.path.join(directory, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) \
-        else ["model.safetensors"]
-    for name in files:
-        with safe_open(os.path.join(directory, name), "pt") as f:
-            out.update({key: f.get_tensor(key) for key in f.keys()})
-    return out
-
-
-def _assert_same_hf_tensors(a, b):
-    ta, tb = _tensors(a), _tensors(b)
-    assert set(ta) == set(tb)
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
 
 
 def _assert_no_leftovers(path):
@@ -274,7 +256,7 @@ def test_ep2_logits_equal_hf_and_a_checkpoint_saved_at_ep2_exports_exactly(hf, c
         assert read_metadata(str(saved / fam)).parallel["written_ep"] == 2
         out = str(tmp_path / f"hf_from_ep2_{fam}")
         convert_megatron_to_hf(str(saved / fam), out, progress=False)
-        _assert_same_hf_tensors(hf[fam][0], out)
+        assert_same_hf_tensors(hf[fam][0], out)
 
 
 def test_pp2_logits_equal_hf(hf, converted, tmp_path):
@@ -296,7 +278,7 @@ def test_round_trip_is_exact(family, hf, converted, tmp_path):
 
     out = str(tmp_path / "hf_out")
     convert_megatron_to_hf(converted[family], out, max_shard_size="40KB", progress=False)
-    _assert_same_hf_tensors(hf[family][0], out)
+    assert_same_hf_tensors(hf[family][0], out)
     original = json.load(open(os.path.join(hf[family][0], "config.json")))
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["architectures"] == original["architectures"]
