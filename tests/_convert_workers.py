@@ -209,3 +209,21 @@ def assert_same_hf_tensors(a: str, b: str) -> None:
     assert set(ta) == set(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+def convert_as_adapted(hf: str, directory, block: int) -> tuple[str, str, dict]:
+    """Convert ``hf`` into ``directory/meg`` with a mask token appended and mark it, in its
+    nbdiff.json, as an nbdiff model trained for block size ``block`` (what a real adaptation
+    records); export that to ``directory/exp``. Returns (meg, exp, the nbdiff.json dict)."""
+    from megatron_nbdiff.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+
+    meg, exp = os.path.join(str(directory), "meg"), os.path.join(str(directory), "exp")
+    convert_hf_to_megatron(hf, meg, mask_token="append", progress=False)
+    meta_path = os.path.join(meg, "nbdiff.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta.update(block_size=block, attention_layout="dual_context_causal", recipe="nbdiff")
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    convert_megatron_to_hf(meg, exp, progress=False)
+    return meg, exp, meta

@@ -49,7 +49,7 @@ def model_dirs(tmp_path_factory, tok_dir):
     template."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_nbdiff.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+    from _convert_workers import convert_as_adapted
 
     d = tmp_path_factory.mktemp("chat_model")
     hf = str(d / "hf")
@@ -61,14 +61,7 @@ def model_dirs(tmp_path_factory, tok_dir):
     LlamaForCausalLM(cfg).save_pretrained(hf)
     for name in os.listdir(tok_dir):
         shutil.copy(os.path.join(tok_dir, name), hf)
-    meg = str(d / "meg")
-    convert_hf_to_megatron(hf, meg, mask_token="append", progress=False)
-    meta_path = os.path.join(meg, "nbdiff.json")
-    meta = json.load(open(meta_path))
-    meta.update(block_size=BLOCK, attention_layout="dual_context_causal", recipe="nbdiff")
-    json.dump(meta, open(meta_path, "w"))
-    exp = str(d / "exp")
-    convert_megatron_to_hf(meg, exp, progress=False)
+    _, exp, _ = convert_as_adapted(hf, d, BLOCK)
     plain = str(d / "plain")
     shutil.copytree(exp, plain)
     for name in ("chat_template.jinja", "chat_template.json"):

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from _convert_workers import make_hf_checkpoint
+from _convert_workers import convert_as_adapted, make_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = os.path.join(ROOT, "tools", "eval.py")
@@ -43,19 +43,10 @@ def one_thread():
 def ckpts(tmp_path_factory):
     """A tiny random HF Llama with a word-level tokenizer (w0..w148), its Megatron conversion
     (mask token appended) marked as trained for block 4, and the HF export of that."""
-    from megatron_nbdiff.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
-
     d = tmp_path_factory.mktemp("eval")
     hf = str(d / "hf")
     make_hf_checkpoint(hf, "llama", vocab=VOCAB, tokenizer_tokens=VOCAB)
-    meg = str(d / "meg")
-    convert_hf_to_megatron(hf, meg, mask_token="append", progress=False)
-    meta_path = os.path.join(meg, "nbdiff.json")
-    meta = json.load(open(meta_path))
-    meta.update(block_size=BLOCK, attention_layout="dual_context_causal", recipe="nbdiff")
-    json.dump(meta, open(meta_path, "w"))
-    exp = str(d / "exp")
-    convert_megatron_to_hf(meg, exp, progress=False)
+    meg, exp, meta = convert_as_adapted(hf, d, BLOCK)
     return dict(hf=hf, meg=meg, exp=exp, dir=d, mask_id=meta["mask_token"]["id"])
 
 
