@@ -134,6 +134,7 @@ def test_output_is_identical_for_any_number_of_workers(tmp_path, tok_dir):
             prefix = str(tmp_path / f"{fmt}-{workers}" / "d")
             s = pp.preprocess(src, tok_dir, prefix, quiet=True, fmt=fmt, workers=workers, chunk_bytes=700)
             assert s["workers"] == workers and s["documents"] == (150 if fmt == "chat" else 300)
+            assert s["worker_kind"] == (None if workers == 1 else "processes" if fmt == "chat" else "threads")
             names = sorted(os.listdir(os.path.dirname(prefix)))
             assert len(names) == files
             outputs.append({n: open(os.path.join(os.path.dirname(prefix), n), "rb").read() for n in names})
@@ -331,8 +332,9 @@ def test_check_loss_mask_refuses_what_does_not_align(tmp_path, tok_dir):
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, tok_dir, monkeypatch):
-    """A worker killed mid-run (here it exits on its second chunk): the run stops with an OSError
-    (exit 1 on the command line) instead of waiting forever, and writes nothing."""
+    """A worker process killed mid-run (here it exits on its second chunk; chat data is
+    tokenised by processes): the run stops with an OSError (exit 1 on the command line) instead of
+    waiting forever, and writes nothing."""
     real = pp._Work.__call__
 
     def dies_on_the_second_chunk(self, chunk):
@@ -341,7 +343,8 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, tok_dir, monkeypatc
         return real(self, chunk)
 
     monkeypatch.setattr(pp._Work, "__call__", dies_on_the_second_chunk)
-    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat sat"}] * 50)
+    src = write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS * 10)
     with pytest.raises(OSError, match="a --workers process died"):
-        pp.preprocess(src, tok_dir, str(tmp_path / "out" / "c"), quiet=True, workers=2, chunk_bytes=100)
+        pp.preprocess(src, tok_dir, str(tmp_path / "out" / "c"), quiet=True, fmt="chat", workers=2,
+                      chunk_bytes=100)
     assert os.listdir(tmp_path / "out") == []
