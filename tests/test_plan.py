@@ -1,12 +1,23 @@
 """The capacity planner (megatron_nbdiff/planning/, tools/plan.py).
 
 * Its per-rank parameter list (names and shapes) equals ``NBDiffModel.named_parameters()`` for
-  three tiny configurations at TP=1 (one process) and at TP=2 and PP=2 (two gloo processes:
-  each rank's own shapes, the tied output-layer copy on the last stage included); its weight and
-  gradient bytes equal the bf16 model's and its DDP buffer's (megatron DDP with the distributed
-  optimizer's padding, fp32 main gradients); its optimizer bytes equal the fp32 master copy plus
-  the Adam moments the real megatron optimizer creates (the CPU trainer's fp32 optimizer holds
-  the moments; the fp32 parameters are what the bf16 path's master copy is).
+  three tiny dense configurations and a tiny mixture-of-experts one (4 experts, top-2, one dense
+  layer on the second stage) at TP=1 (one process) and at TP=2, PP=2 and (MoE) EP=2 (two gloo
+  processes: each rank's own shapes and experts, the tied output-layer copy on the last stage
+  included); its weight and gradient bytes equal the bf16 model's and its DDP buffers' (megatron
+  DDP with the distributed optimizer's padding, fp32 main gradients, the experts in a buffer of
+  their own padded for the expert-data-parallel group); its optimizer bytes equal the fp32 master
+  copy plus the Adam moments the real megatron optimizer creates (the CPU trainer's fp32
+  optimizer holds the moments; the fp32 parameters are what the bf16 path's master copy is).
+* The bytes a bf16 MoE layer's router, dispatcher and experts save for the backward pass equal
+  the memory model's MoE block, with both routing orders.
+* EP is enumerated for MoE models only, and every (TP, PP, CP, EP) the planner enumerates is one
+  the trainer's layout check accepts, no more and no fewer EP sizes; a MoE plan's run config
+  (``train.ep``, ``recompute_modules`` with ``moe``) passes the trainer's validation and lowers
+  to megatron's TransformerConfig; the MoE named shapes equal what the converter reads from their
+  ``config.json``; a Mixtral HF directory is planned.
+* Every ``tools/plan.py`` command in docs/plans.md prints what the document shows (dense plans
+  included: MoE support left them unchanged).
 * The interleaved schedule's in-flight layers match Korthikanti et al.'s figure; CP chunks are
   whole blocks for dual-stream recipes.
 * The best plan's run config loads and passes the Slurm launcher's validation (dry run), with
@@ -20,10 +31,17 @@ import torch
 
 from megatron_nbdiff.cli import run_main
 from megatron_nbdiff.config import ModelConfig, RunConfig, TrainConfig
+from megatron_nbdiff.errors import ConfigError
 from megatron_nbdiff.planning.cli import main as plan_main
-from megatron_nbdiff.planning.layouts import Layout, Workload, cp_allowed
-from megatron_nbdiff.planning.memory import layers_in_flight
-from megatron_nbdiff.planning.parameters import grad_buffer_numel, rank_parameter_count, rank_parameters
+from megatron_nbdiff.planning.layouts import Cluster, Layout, Workload, cp_allowed, enumerate_layouts
+from megatron_nbdiff.planning.memory import layers_in_flight, moe_block_bytes_per_token
+from megatron_nbdiff.planning.parameters import (
+    grad_buffer_numel,
+    grad_buffers,
+    rank_parameter_count,
+    rank_parameter_counts,
+    rank_parameters,
+)
 
 CONFIGS = {
     "gqa": dict(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
@@ -33,6 +51,10 @@ CONFIGS = {
                              tie_embeddings=True),
     "mha_kv_channels": dict(vocab_size=130, hidden_size=40, num_layers=2, num_attention_heads=2,
                             kv_channels=24, ffn_hidden_size=72, make_vocab_size_divisible_by=8),
+    # layer 2 (the first of stage 1 at PP=2) stays dense
+    "moe": dict(vocab_size=97, hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2,
+                ffn_hidden_size=96, qk_layernorm=True, num_experts=4, moe_topk=2, moe_ffn_hidden_size=48,
+                moe_dense_layers=[2]),
 }
 
 
@@ -52,22 +74,27 @@ def test_parameters_gradients_optimizer_bytes_equal_the_model(name):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_nbdiff.models import NBDiffModel
-    from megatron_nbdiff.training.model_and_optimizer import build_model_and_optimizer
+    from megatron_nbdiff.training.model_and_optimizer import build_model_and_optimizer, mark_expert_params
 
     mc = tiny(name)
     planned = rank_parameters(mc)
     count = rank_parameter_count(mc)
+    assert count == sum(torch.Size(s).numel() for _, s in planned)
     # the bf16 model megatron DDP wraps on a GPU: weights 2 bytes, main gradients 4 bytes per element
     tc = mc.transformer_config(dtype="bf16")
     model = NBDiffModel(mc, tc)
     assert _shapes(model) == planned
+    assert (mark_expert_params(model) > 0) == mc.is_moe  # as the trainer does, at every EP
     half = Float16Module(tc, model)
     assert sum(p.numel() * p.element_size() for p in half.parameters()) == 2 * count
     ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=True), half)
-    assert [b.grad_data.dtype for b in ddp.buffers] == [torch.float32]
-    assert ddp.buffers[0].grad_data.numel() == grad_buffer_numel(mc, dp=1)
-    assert ddp.buffers[0].param_data.numel() * 2 == 2 * grad_buffer_numel(mc, dp=1)
+    dense, expert = grad_buffers(mc, dp=1)
+    assert [(b.grad_data.dtype, b.grad_data.numel(), b.param_data.numel()) for b in ddp.buffers] == [
+        (torch.float32, dense, dense)]
+    assert [(b.grad_data.dtype, b.grad_data.numel(), b.param_data.numel()) for b in ddp.expert_parallel_buffers] == (
+        [(torch.float32, expert, expert)] if mc.is_moe else [])
+    assert grad_buffer_numel(mc, dp=1) == dense + expert
     assert grad_buffer_numel(mc, dp=1, distributed_optimizer=False) == count
     # the optimizer as the trainer builds it (fp32 on CPU): Adam's m and v, and the fp32 weights a
     # bf16 run keeps as master copy -> the planner's 12 bytes per parameter at DP=1
@@ -86,12 +113,21 @@ def test_parameters_gradients_optimizer_bytes_equal_the_model(name):
 
 
 def _per_rank_shapes(rank, configs):
-    """Worker: each rank's parameter shapes at TP=2 (PP=1) and at PP=2 (TP=1), and its DDP
-    buffer size with the distributed optimizer at PP=2."""
+    """Worker: each rank's parameter shapes at TP=2 (PP=1), at PP=2 (TP=1) and, for a MoE model,
+    at EP=2 (DP=2), and its DDP buffer sizes (dense, expert) with the distributed optimizer at
+    PP=2 and EP=2, the expert parameters marked as the trainer marks them."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_nbdiff.models import NBDiffModel
     from megatron_nbdiff.parallel import initialize_parallel
+    from megatron_nbdiff.training.model_and_optimizer import mark_expert_params
+
+    def buffers(tc, model):
+        mark_expert_params(model)
+        ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
+        return [sum(b.grad_data.numel() for b in ddp.buffers),
+                sum(b.grad_data.numel() for b in ddp.expert_parallel_buffers)]
 
     out = {}
     for name in configs:
@@ -102,13 +138,17 @@ def _per_rank_shapes(rank, configs):
         tc = mc.transformer_config(pp=2)
         model = NBDiffModel(mc, tc, pre_process=rank == 0, post_process=rank == 1)
         out[f"{name}/pp2"] = _shapes(model)
-        ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True), model)
-        out[f"{name}/pp2_buffer"] = sum(b.grad_data.numel() for b in ddp.buffers)
+        out[f"{name}/pp2_buffers"] = buffers(tc, model)
+        if mc.is_moe:
+            initialize_parallel(1, 1, ep=2)
+            tc = mc.transformer_config(ep=2)
+            model = NBDiffModel(mc, tc)
+            out[f"{name}/ep2"] = _shapes(model)
+            out[f"{name}/ep2_buffers"] = buffers(tc, model)
     return out
 
 
-def test_per_rank_shapes_at_tp2_and_pp2_equal_the_model(tmp_path):
+def test_per_rank_shapes_at_tp2_pp2_and_ep2_equal_the_model(tmp_path):
     from _gloo import run_world
 
     names = sorted(CONFIGS)
@@ -119,9 +159,47 @@ def test_per_rank_shapes_at_tp2_and_pp2_equal_the_model(tmp_path):
             assert [tuple(x) for x in got[f"{name}/tp2"]] == [tuple(x) for x in rank_parameters(mc, tp=2)]
             planned = rank_parameters(mc, pp=2, stage=rank)
             assert [tuple(x) for x in got[f"{name}/pp2"]] == [tuple(x) for x in planned]
-            assert got[f"{name}/pp2_buffer"] == grad_buffer_numel(mc, pp=2, stage=rank, dp=1)
+            assert got[f"{name}/pp2_buffers"] == list(grad_buffers(mc, pp=2, stage=rank, dp=1))
+            if mc.is_moe:  # each EP rank holds 2 of the 4 experts; the dense buffer spans DP=2
+                planned = rank_parameters(mc, ep=2)
+                assert [tuple(x) for x in got[f"{name}/ep2"]] == [tuple(x) for x in planned]
+                assert got[f"{name}/ep2_buffers"] == list(grad_buffers(mc, dp=2, ep=2))
     # the tied model's last stage holds a copy of the embedding as its output layer
     assert rank_parameters(tiny("tied_qknorm_bias"), pp=2, stage=1)[-1][0] == "gpt.output_layer.weight"
+    # the MoE model's dense layer 2 is the first layer of stage 1: local name 0, a dense MLP
+    stage1 = dict(rank_parameters(tiny("moe"), pp=2, stage=1))
+    assert "gpt.decoder.layers.0.mlp.linear_fc1.weight" in stage1
+    assert "gpt.decoder.layers.1.mlp.router.weight" in stage1
+    assert rank_parameter_counts(tiny("moe"), ep=2)[1] * 2 == rank_parameter_counts(tiny("moe"))[1]
+
+
+@pytest.mark.usefixtures("one_process_group")
+@pytest.mark.parametrize("renormalised", [True, False])
+def test_moe_block_saved_tensors_equal_the_planned_bytes(renormalised):
+    """What a bf16 MoE layer's router, dispatcher and experts save for the backward pass (tensor
+    storages other than the weights and the layer's input, each counted once) is the memory
+    model's MoE block for its tokens; at EP=1 every assignment is local, so no balance is assumed."""
+    from megatron_nbdiff.models import NBDiffModel
+
+    mc = ModelConfig(max_seq_len=64, **dict(CONFIGS["moe"], moe_norm_topk_prob=renormalised))
+    model = NBDiffModel(mc, mc.transformer_config(dtype="bf16")).to(torch.bfloat16)
+    moe = model.gpt.decoder.layers[0].mlp
+    assert type(moe).__name__ == "MoELayer"
+    seq, batch = 40, 3
+    x = torch.randn(seq, batch, mc.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = moe(x)
+    out.float().sum().backward()  # the saved tensors are what the backward pass uses
+    assert sum(saved.values()) == moe_block_bytes_per_token(mc, tp=1) * seq * batch
 
 
 def test_interleaved_in_flight_layers_match_korthikanti():
@@ -217,8 +295,8 @@ def test_model_from_hf_config_and_checkpoint_dirs(tmp_path, capsys):
     assert code == 2 and "neither nbdiff.json" in err
 
 
-def test_moe_model_is_refused_not_misplanned(tmp_path, capsys):
-    """The formulas count one dense MLP per layer: a MoE config is one error line, not a plan."""
+def test_moe_hf_config_is_planned_with_expert_parallelism(tmp_path, capsys):
+    """A Mixtral config.json is planned: its table has the EP column and its layouts include EP > 1."""
     from transformers import MixtralConfig
 
     cfg = MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -226,6 +304,123 @@ def test_moe_model_is_refused_not_misplanned(tmp_path, capsys):
                         max_position_embeddings=4096)
     cfg.architectures = ["MixtralForCausalLM"]
     cfg.save_pretrained(tmp_path / "mixtral")
-    code, out, err = _run([str(tmp_path / "mixtral"), "--seq-len", "4096", "--global-batch", "8"], capsys)
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "mixture-of-experts model (6 experts)" in lines[0], err
+    path = tmp_path / "plans.json"
+    code, out, err = _run([str(tmp_path / "mixtral"), "--seq-len", "4096", "--global-batch", "8",
+                           "--out-json", str(path)], capsys)
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if "recompute" in line and "MFU" in line)
+    assert "active per token (2 of 6 experts)" in out and " ep " in header and "EP comm" in header
+    plans = json.loads(path.read_text())["plans"]
+    assert {p["layout"]["ep"] for p in plans} == {1, 2}  # 6 experts: EP 2 (DP 2, 4, 8), not 3 or 6
+
+
+def test_expert_parallel_sizes_are_those_the_trainer_accepts():
+    from megatron_nbdiff.parallel import check_parallel_sizes
+    from megatron_nbdiff.planning.shapes import named_shape
+
+    work, cluster = Workload("nbdiff", 4096, 256), Cluster(nodes=4)
+    mc = named_shape("qwen3-30b-a3b", 4096).model
+    by_rest: dict = {}
+    for lay in enumerate_layouts(mc, work, cluster):
+        by_rest.setdefault((lay.tp, lay.pp, lay.cp, lay.dp), set()).add(lay.ep)
+    assert max(max(eps) for eps in by_rest.values()) == 32
+    for (tp, pp, cp, dp), eps in by_rest.items():
+        accepted = set()
+        for ep in range(1, mc.num_experts + 1):
+            try:
+                check_parallel_sizes(mc, tp=tp, pp=pp, cp=cp, ep=ep, world_size=cluster.world)
+                accepted.add(ep)
+            except ConfigError:
+                pass
+        assert eps == accepted, (tp, pp, cp, dp)
+    dense = named_shape("llama3-8b", 4096).model
+    assert {lay.ep for lay in enumerate_layouts(dense, work, cluster)} == {1}
+
+
+def test_moe_plan_run_config_passes_the_trainer_validation(tmp_path, capsys):
+    """The best qwen3-30b-a3b plan on 4 nodes launches (dry run); a plan with EP > 1 and selective
+    recomputation writes train.ep and recompute_modules with moe, passes the trainer's layout check
+    at its world size and lowers to megatron's TransformerConfig."""
+    from megatron_nbdiff.planning import plan
+    from megatron_nbdiff.planning.report import run_config
+    from megatron_nbdiff.planning.shapes import named_shape
+    from megatron_nbdiff.slurm.launch import main as launch_main
+    from megatron_nbdiff.training.validation import check_layout
+
+    yaml_path = tmp_path / "run.yaml"
+    code, out, err = _run(["qwen3-30b-a3b", "--seq-len", "4096", "--global-batch", "256", "--nodes", "4",
+                           "--out-yaml", str(yaml_path), "--save-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert RunConfig.load(str(yaml_path)).model.num_experts == 128
+    code = run_main(launch_main, ["--config", str(yaml_path), "--nodes", "4", "--gpus-per-node", "8",
+                                  "--dry-run", "--skip-path-check", "--output-dir", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    source, work, cluster = named_shape("qwen3-30b-a3b", 4096), Workload("nbdiff", 4096, 256), Cluster(nodes=4)
+    plans = plan(source.model, work, cluster)
+    picked = [next(p for p in plans if p.layout.ep > 1 and p.layout.recompute == rc and p.layout.tp > 1)
+              for rc in ("selective", "full", "none")]
+    for p in picked:
+        cfg = RunConfig.from_dict(run_config(p, source, work))
+        t = cfg.train
+        assert (t.tp, t.pp, t.vpp, t.cp, t.ep, t.recompute) == (p.layout.tp, p.layout.pp, p.layout.vpp, p.layout.cp,
+                                                                 p.layout.ep, p.layout.recompute)
+        assert t.recompute_modules == (["core_attn", "mlp", "moe"] if t.recompute == "selective" else None)
+        check_layout(cfg, world_size=cluster.world)
+        tc = cfg.model.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, sequence_parallel=t.sequence_parallel,
+                                          context_parallel_size=t.cp, **t.recompute_overrides(48 // t.pp))
+        assert tc.expert_model_parallel_size == p.layout.ep
+
+
+@pytest.mark.parametrize("name, config", [
+    ("qwen3-30b-a3b", {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936,
+                       "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                       "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                       "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+                       "decoder_sparse_step": 1, "mlp_only_layers": [], "rope_theta": 1000000.0,
+                       "rms_norm_eps": 1e-06, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+                       "use_sliding_window": False, "sliding_window": None, "router_aux_loss_coef": 0.001}),
+    ("mixtral-8x7b", {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "vocab_size": 32000,
+                      "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                      "num_experts_per_tok": 2, "rope_theta": 1000000.0, "rms_norm_eps": 1e-05,
+                      "max_position_embeddings": 32768, "tie_word_embeddings": False, "sliding_window": None,
+                      "router_aux_loss_coef": 0.02}),
+])
+def test_moe_named_shapes_equal_their_hf_config(name, config, tmp_path):
+    """The published config.json (its values typed here) read as the converter reads it."""
+    from megatron_nbdiff.planning.shapes import load_model, named_shape
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    from_hf = load_model(str(tmp_path), 4096)
+    named = named_shape(name, 4096)
+    assert from_hf.model == named.model and from_hf.mask_token_id == named.mask_token_id == config["vocab_size"]
+
+
+def _doc_commands() -> list:
+    """(argv, printed lines) of every ``$ python tools/plan.py`` block of docs/plans.md."""
+    import os
+    import re
+    import shlex
+
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "plans.md")
+    with open(doc, encoding="utf-8") as f:
+        text = f.read()
+    out = []
+    for block in re.findall(r"```\n\$ python tools/plan.py (.*?)```", text, re.S):
+        command, *lines = block.rstrip("\n").split("\n")
+        argv = shlex.split(command)
+        for flag in ("--plot", "--out-yaml", "--out-json"):  # the files are not written again
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+        out.append((argv, [line for line in lines if not line.startswith("wrote ")]))
+    return out
+
+
+def test_every_plan_in_docs_is_what_the_tool_prints(capsys):
+    commands = _doc_commands()
+    assert len(commands) >= 9 and any("qwen3-30b-a3b" in argv for argv, _ in commands)
+    for argv, lines in commands:
+        code, out, err = _run(argv, capsys)
+        assert code == 0, (argv, err)
+        assert out.rstrip("\n").split("\n") == lines, argv

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Plan a training run's parallel layout: which TP / PP / VPP / CP / DP, micro-batch and
-recomputation fit a model on a cluster, best first (docs/plans.md).
+"""Plan a training run's parallel layout: which TP / PP / VPP / CP / DP (and EP for a
+mixture-of-experts model), micro-batch and recomputation fit a model on a cluster, best first
+(docs/plans.md).
 
     python tools/plan.py llama3-70b --seq-len 32768 --global-batch 256 --nodes 8 --out-yaml run.yaml
 

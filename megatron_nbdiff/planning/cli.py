@@ -5,8 +5,9 @@
         [--out-yaml run.yaml] [--out-json plans.json] [--plot memory.png] [--supported-only]
 
 MODEL is a named shape (llama3-8b, llama3-70b, qwen2.5-7b, qwen2.5-32b, qwen2.5-72b,
-bench-1.1b), a Hugging Face model directory (config.json) or a converted checkpoint (nbdiff.json).
-It enumerates TP, PP, VPP, CP, DP, micro-batch and recomputation, estimates per-GPU memory and
+bench-1.1b; mixture of experts: qwen3-30b-a3b, mixtral-8x7b), a Hugging Face model directory
+(config.json) or a converted checkpoint (nbdiff.json). It enumerates TP, PP, VPP, CP, DP, EP
+(mixture-of-experts models only), micro-batch and recomputation, estimates per-GPU memory and
 step time, prints the layouts that fit, best first, and writes the best as a run config that
 ``tools/launch_slurm.py`` accepts (fields the trainer lacks today go to its comment header).
 Bad input or nothing that fits: one ``error:`` line and exit 2.
@@ -55,7 +56,7 @@ def parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Plan; run through :func:`megatron_nbdiff.cli.run_main`."""
     from ..errors import ConfigError
-    from .parameters import rank_parameter_count
+    from .parameters import active_parameter_count, rank_parameter_count
     from .planner import best_supported, plan
     from .report import plot_memory, table, why, write_json, write_run_config
     from .shapes import load_model
@@ -77,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     mc = source.model
     params = rank_parameter_count(mc)
-    print(f"model: {source.described}; {params / 1e9:.2f}B parameters")
+    active = (f", {active_parameter_count(mc) / 1e9:.2f}B active per token ({mc.moe_topk} of "
+              f"{mc.num_experts} experts)" if mc.is_moe else "")
+    print(f"model: {source.described}; {params / 1e9:.2f}B parameters{active}")
     print(f"workload: recipe {work.recipe} ({work.streams} stream(s), layout {work.layout}), L={work.seq_len}, "
           f"global batch {work.global_batch} ({work.global_batch * work.seq_len:,} tokens per step)")
     print(f"cluster: {cluster.nodes} x {cluster.gpus_per_node} GPUs, {cluster.gpu_memory_gib:g} GiB each "

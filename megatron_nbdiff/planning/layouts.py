@@ -7,6 +7,11 @@ needs a micro-batch count that is a multiple of PP (megatron's interleaved sched
 every stream into ``2 * cp`` chunks (megatron's load-balanced split), and for dual-stream recipes
 a chunk must be a multiple of the block size (32) so that no block straddles ranks; TP x PP x CP
 divides the GPUs, the rest is DP, and the global batch is a multiple of DP x micro-batch.
+
+Mixture-of-experts models add EP, enumerated for them only: it divides the experts and the
+data-parallel size, the trainer's rule (``parallel.check_parallel_sizes``; megatron-core itself
+needs only ``TP x EP x PP`` to divide the world, EP dividing DP x CP); the expert-tensor-parallel
+size is TP, megatron's default, which the trainer keeps. Dense models have EP 1.
 """
 from __future__ import annotations
 
@@ -17,8 +22,15 @@ from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
 
 RECOMPUTE = ("none", "selective", "full")
-# what a planned ``selective`` recomputes: the run config's train.recompute_modules
+# what a planned ``selective`` recomputes: the run config's train.recompute_modules (megatron's
+# ``mlp`` covers dense layers only; MoE layers are megatron's ``moe`` module)
 SELECTIVE_MODULES = ("core_attn", "mlp")
+MOE_SELECTIVE_MODULES = ("core_attn", "mlp", "moe")
+
+
+def selective_modules(mc: ModelConfig) -> tuple[str, ...]:
+    """``train.recompute_modules`` of a planned ``selective`` for model ``mc``."""
+    return MOE_SELECTIVE_MODULES if mc.is_moe else SELECTIVE_MODULES
 
 # recipe -> (attention layout, streams through the layers)
 RECIPES = {
@@ -84,6 +96,8 @@ class Layout:
     dp: int
     mbs: int
     recompute: str
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models; carved out of the DP ranks)."""
 
     def microbatches(self, work: Workload) -> int:
         return work.global_batch // (self.dp * self.mbs)
@@ -98,11 +112,14 @@ class Layout:
             need.append("vpp")
         if self.recompute != "none" and "recompute" not in have:
             need.append("recompute")
+        if self.ep > 1 and "ep" not in have:
+            need.append("ep")
         return need
 
     def label(self) -> str:
         return (f"tp{self.tp} pp{self.pp}" + (f" vpp{self.vpp}" if self.vpp > 1 else "")
-                + f" cp{self.cp} dp{self.dp} mbs{self.mbs} rc={self.recompute}")
+                + f" cp{self.cp}" + (f" ep{self.ep}" if self.ep > 1 else "")
+                + f" dp{self.dp} mbs{self.mbs} rc={self.recompute}")
 
 
 def check_workload(mc: ModelConfig, work: Workload, cluster: Cluster) -> None:
@@ -139,6 +156,14 @@ def cp_allowed(work: Workload, cp: int) -> bool:
     return cp == 1 or not work.dual or chunk % BLOCK_SIZE == 0
 
 
+def expert_parallel_sizes(mc: ModelConfig, dp: int) -> list[int]:
+    """The EP sizes of a layout with data-parallel size ``dp``: divisors of the experts that
+    divide ``dp`` (1 alone for a dense model)."""
+    if not mc.is_moe:
+        return [1]
+    return [ep for ep in range(1, min(mc.num_experts, dp) + 1) if mc.num_experts % ep == 0 and dp % ep == 0]
+
+
 def enumerate_layouts(mc: ModelConfig, work: Workload, cluster: Cluster,
                       max_micro_batch: int = 8, max_vpp: int = 4) -> Iterator[Layout]:
     """Every layout the constraints of the module docstring allow."""
@@ -164,4 +189,5 @@ def enumerate_layouts(mc: ModelConfig, work: Workload, cluster: Cluster,
                         if (mc.num_layers // pp) % vpp or (vpp > 1 and m % pp):
                             continue
                         for rc in RECOMPUTE:
-                            yield Layout(tp, pp, vpp, cp, dp, mbs, rc)
+                            for ep in expert_parallel_sizes(mc, dp):
+                                yield Layout(tp, pp, vpp, cp, dp, mbs, rc, ep)

@@ -1,9 +1,10 @@
 """Per-GPU memory of one layout: weights, gradients, optimizer state, activations, attention
 buffers and logits, on the first and on the last pipeline stage (the two that can peak).
 
-Model state (bytes per element of the rank's DDP buffer, :mod:`.parameters`): bf16 weights 2,
+Model state (bytes per element of the rank's DDP buffers, :mod:`.parameters`): bf16 weights 2,
 fp32 main gradients 4 (megatron DDP with ``grad_reduce_in_fp32``), distributed-optimizer state 12
-per parameter (fp32 master copy, Adam ``m`` and ``v``) sharded over the DP x CP ranks.
+per parameter (fp32 master copy, Adam ``m`` and ``v``) sharded over the DP x CP ranks; the
+experts' state is sharded over their own expert-data-parallel group, ``dp * cp / ep`` ranks.
 
 Activations per layer follow Korthikanti et al. (2022, "Reducing Activation Recomputation in
 Large Transformer Models"), redone for this model: RMSNorm, SwiGLU, GQA, no dropout, a
@@ -26,6 +27,31 @@ layer keeps ``s * b / t`` times (bf16 = 2 bytes a value):
   is not available for a dense MLP in megatron-core 0.16.1, so it is not planned.)
 * ``full`` (megatron's uniform method, one layer per checkpoint): the layer input ``2h``, plus
   one layer's ``none`` activations while it is recomputed in the backward pass.
+
+Mixture-of-experts layers (megatron-core 0.16.1's ``MoELayer`` as the trainer builds it: fp32
+router, the ``allgather`` token dispatcher over the TP x EP ranks, ``SequentialMLP`` experts
+whose tensor parallelism is TP; no token dropping). Routing is assumed balanced: each rank's
+experts get ``k / E`` of the gathered tokens' assignments, ``s * b * k`` rows (``k`` the
+experts per token). The attention half of the layer and the pre-MLP norm keep what a dense layer
+keeps; in place of ``8f`` the MoE block keeps, per token of the TP rank (times ``s * b / t``):
+
+* the router: the top-k indices (int64, ``8k``) and, with renormalised top-k (megatron's softmax
+  over the k chosen logits), that softmax (fp32, ``4k``) — else the softmax over all experts
+  (``4E``);
+* the dispatcher: the gathered tokens' routing mask over the rank's experts and the fp32
+  probabilities it selects from (``5E`` per gathered token: ``5Et``), and the permutation indices
+  (int64, 8 per row: ``8kt``);
+* the experts, per row (``kt`` rows per token of the TP rank): ``fc1``'s input, the gathered and
+  permuted token, whole on every TP rank (``2h``), its output (``4f_e / t``), the ``silu``
+  output, the linear half plus megatron's GLU offset (a copy) and their product (``2f_e / t``
+  each), the product scaled by the fp32 routing probability (``fc2``'s input, ``2f_e / t``) and
+  that probability (4).
+
+Together ``router + 5Et + kt(2h + 12) + 12 k f_e`` for ``8f``; the formula was checked against
+the tensors a bf16 MoE layer saves for its backward (tests/test_plan.py). ``selective`` recomputes
+the MoE block too (``moe`` joins ``recompute_modules``; megatron's ``mlp`` module only covers
+dense layers) and keeps only its input, plus one layer's MoE block while it is replayed; ``full``
+as for dense layers. A stage's layers are weighted by how many of them are MoE layers.
 
 Layers in flight on stage ``k`` of ``p`` with ``m`` micro-batches: 1F1B keeps ``min(p - k, m)``
 micro-batches of its ``layers / p`` layers; the interleaved schedule with ``v`` virtual stages
@@ -50,7 +76,7 @@ import dataclasses
 
 from ..config import ModelConfig
 from .layouts import Cluster, Layout, Workload
-from .parameters import grad_buffer_numel, rank_parameter_count
+from .parameters import grad_buffers, rank_layers, rank_parameter_counts
 
 GIB = 1024 ** 3
 
@@ -78,18 +104,44 @@ class StageMemory:
             "stage": self.stage, "total": round(self.total / GIB, 3)}
 
 
-def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str) -> int:
-    """Bytes one layer keeps per token on one TP rank times TP (see the module docstring)."""
+def moe_block_bytes_per_token(mc: ModelConfig, tp: int = 1) -> int:
+    """Bytes a MoE layer's router, dispatcher and experts keep for the backward pass per token
+    of one TP rank times TP, with balanced routing (see the module docstring)."""
+    h, e, k, f = mc.hidden_size, mc.num_experts, mc.moe_topk, mc.moe_ffn_hidden_size
+    router = 12 * k if mc.moe_norm_topk_prob else 4 * e + 8 * k
+    return router + 5 * e * tp + k * tp * (2 * h + 12) + 12 * k * f
+
+
+def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str, moe: bool = False, tp: int = 1) -> int:
+    """Bytes one layer (a MoE layer with ``moe``, at TP ``tp``) keeps per token on one TP rank
+    times TP (see the module docstring)."""
     h, a, g, d, f = (mc.hidden_size, mc.num_attention_heads, mc.num_query_groups, mc.kv_channels,
                      mc.ffn_hidden_size)
     qk = 2 * (a + g) * d if mc.qk_layernorm else 0
     if recompute == "none":
-        return 8 * h + 6 * a * d + 4 * g * d + 8 * f + 4 * a + 8 + qk
+        mlp = moe_block_bytes_per_token(mc, tp) if moe else 8 * f
+        return 8 * h + 6 * a * d + 4 * g * d + mlp + 4 * a + 8 + qk
     if recompute == "selective":
         return 8 * h + 4 * a * d + 4 * g * d + 8 + qk
     if recompute == "full":
         return 2 * h
     raise ValueError(f"unknown recompute {recompute!r}")
+
+
+def stage_activation_bytes_per_token(mc: ModelConfig, layout: Layout, stage: int) -> tuple[float, int]:
+    """(bytes per token and layer-activation, averaged over the stage's dense and MoE layers; the
+    bytes per token of what one layer adds while it is recomputed in the backward pass)."""
+    rc, t = layout.recompute, layout.tp
+    layers = rank_layers(mc, layout.pp, stage, layout.vpp)
+    n_moe = sum(1 for i in layers if mc.is_moe_layer(i))
+    dense = layer_activation_bytes_per_token(mc, rc)
+    replay = layer_activation_bytes_per_token(mc, "none", moe=n_moe > 0, tp=t) if rc == "full" else 0
+    if n_moe == 0:
+        return dense, replay
+    moe = layer_activation_bytes_per_token(mc, rc, moe=True, tp=t)
+    if rc == "selective":  # one layer's MoE block while it is replayed
+        replay = moe_block_bytes_per_token(mc, t)
+    return (moe * n_moe + dense * (len(layers) - n_moe)) / len(layers), replay
 
 
 def layers_in_flight(mc: ModelConfig, layout: Layout, stage: int, microbatches: int) -> float:
@@ -108,17 +160,19 @@ def stage_memory(mc: ModelConfig, work: Workload, layout: Layout, cluster: Clust
     m = layout.microbatches(work)
     last = stage == layout.pp - 1
     dp_shards = layout.dp * cp  # the distributed optimizer shards over data x context parallel ranks
-    buffer = grad_buffer_numel(mc, t, layout.pp, stage, dp=dp_shards)
-    params = rank_parameter_count(mc, t, layout.pp, stage)
+    expert_shards = dp_shards // layout.ep  # ... and the experts over the expert-data-parallel ranks
+    buffer = sum(grad_buffers(mc, t, layout.pp, stage, dp=dp_shards, ep=layout.ep, vpp=layout.vpp))
+    dense, expert = rank_parameter_counts(mc, t, layout.pp, stage, ep=layout.ep, vpp=layout.vpp)
     weights, grads = 2 * buffer, 4 * buffer
-    optimizer = -(-12 * params // dp_shards)
+    optimizer = -(-12 * dense // dp_shards) + -(-12 * expert // expert_shards)
 
     s = work.streams * work.seq_len // cp  # tokens of one sequence on this CP rank
     tokens = s * b / t  # per TP rank (sequence parallelism)
     in_flight = layers_in_flight(mc, layout, stage, m)
-    acts = layer_activation_bytes_per_token(mc, layout.recompute) * tokens * in_flight
-    if layout.recompute == "full":  # one layer's activations while it is recomputed
-        acts += layer_activation_bytes_per_token(mc, "none") * tokens
+    per_layer, replay = stage_activation_bytes_per_token(mc, layout, stage)
+    acts = per_layer * tokens * in_flight
+    if replay:  # one layer's activations while it is recomputed
+        acts += replay * tokens
 
     gd = mc.num_query_groups * mc.kv_channels
     gather = (cp - 1) / cp * 2 * work.seq_len * b * gd / t * 2 if cp > 1 else 0.0

@@ -5,9 +5,9 @@ the GPU's memory. Fitting plans are ranked by step time (:mod:`.step_time`) in t
 ``TOLERANCE`` (2%: closer than that, the estimate cannot tell them apart); within a tier the plan
 needing fewer fields the trainer lacks comes first, then the one with less memory.
 A plan that needs a ``train.*`` field the trainer does not have (read from ``TrainConfig``; today
-it has tp, pp, vpp, cp and recompute) is ranked with the others and marked; :func:`best_supported` is the best plan the
-trainer runs today. When nothing fits, :func:`plan` raises one line naming the closest plan, by
-how much it misses and its largest part.
+it has tp, pp, vpp, cp, ep and recompute) is ranked with the others and marked;
+:func:`best_supported` is the best plan the trainer runs today. When nothing fits, :func:`plan`
+raises one line naming the closest plan, by how much it misses and its largest part.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ class Plan:
     fits: bool
     unsupported: list[str]
     """``train.*`` fields this plan needs that the trainer lacks today."""
+    moe: bool = False
+    """Whether the model has mixture-of-experts layers (the report then shows EP)."""
 
     def notes(self) -> list[str]:
         out = []
@@ -52,7 +54,7 @@ class Plan:
 def evaluate(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) -> Plan:
     mem = peak_memory(mc, work, layout, cluster)
     return Plan(layout, mem, step_time(mc, work, layout, cluster),
-                mem.total <= cluster.gpu_memory_gib * GIB, layout.unsupported())
+                mem.total <= cluster.gpu_memory_gib * GIB, layout.unsupported(), mc.is_moe)
 
 
 def _largest_part(mem: StageMemory) -> str:

@@ -1,7 +1,8 @@
 """What the planner writes: the ranked table, the run config of a plan (YAML that
 ``nbdiff-launch-slurm`` accepts), the JSON of all plans and a PNG of their memory breakdown.
 
-The run config holds only fields :class:`~megatron_nbdiff.config.RunConfig` has: a layout field
+The run config holds only fields :class:`~megatron_nbdiff.config.RunConfig` has (``train.ep`` for a
+mixture-of-experts plan with EP > 1): a layout field
 the trainer lacked (``train.cp``, ``train.vpp`` and ``train.recompute`` until 2026-12-03; none
 today) would go into the file's comment header and the plan's notes, never into a section, so the
 file loads and launches as is.
@@ -14,7 +15,7 @@ from typing import Optional
 
 from ..config import RunConfig, TrainConfig
 from ..fileio import atomic_write, save_figure
-from .layouts import SELECTIVE_MODULES, Cluster, Workload
+from .layouts import Cluster, Workload, selective_modules
 from .memory import GIB
 from .planner import Plan
 from .shapes import ModelSource
@@ -24,17 +25,24 @@ COLUMNS = ("#", "tp", "pp", "vpp", "cp", "dp", "mbs", "recompute", "GiB", "weigh
 
 
 def table(plans: list[Plan], top: int) -> str:
+    """The ``top`` plans, one row each; a mixture-of-experts model's table has an ``ep`` column
+    (after ``cp``) and its step time's ``EP comm`` share."""
+    moe = any(p.moe for p in plans)
+    columns = COLUMNS if not moe else COLUMNS[:5] + ("ep",) + COLUMNS[5:14] + ("EP comm",) + COLUMNS[14:]
     rows = []
     for i, p in enumerate(plans[:top], 1):
         m, lay = p.memory, p.layout
-        rows.append((str(i), str(lay.tp), str(lay.pp), str(lay.vpp), str(lay.cp), str(lay.dp),
-                     str(lay.mbs), lay.recompute, f"{m.total / GIB:.1f}",
-                     f"{(m.weights + m.gradients + m.optimizer) / GIB:.1f}",
-                     f"{m.activations / GIB:.1f}", f"{m.attention / GIB:.1f}", f"{m.logits / GIB:.1f}",
-                     f"{p.time.seconds:.2f}", f"{p.time.bubble / p.time.seconds:.0%}",
-                     f"{p.time.mfu:.2f}", "yes" if not p.unsupported else "needs " + ",".join(p.unsupported)))
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+        row = [str(i), str(lay.tp), str(lay.pp), str(lay.vpp), str(lay.cp), str(lay.dp),
+               str(lay.mbs), lay.recompute, f"{m.total / GIB:.1f}",
+               f"{(m.weights + m.gradients + m.optimizer) / GIB:.1f}",
+               f"{m.activations / GIB:.1f}", f"{m.attention / GIB:.1f}", f"{m.logits / GIB:.1f}",
+               f"{p.time.seconds:.2f}", f"{p.time.bubble / p.time.seconds:.0%}",
+               f"{p.time.mfu:.2f}", "yes" if not p.unsupported else "needs " + ",".join(p.unsupported)]
+        if moe:
+            row = row[:5] + [str(lay.ep)] + row[5:14] + [f"{p.time.ep_comm / p.time.seconds:.0%}"] + row[14:]
+        rows.append(tuple(row))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 
@@ -48,7 +56,8 @@ def why(p: Plan, plans: list[Plan], cluster: Cluster) -> str:
              f"{m.attention / GIB:.1f}, logits {m.logits / GIB:.1f}, reserve {m.reserve / GIB:.1f})",
              f"step {t.seconds:.2f} s (compute {t.compute:.2f}, bubble {t.bubble:.2f}, TP comm "
              f"{t.tp_comm:.2f}, CP comm {t.cp_comm:.2f}, DP comm {t.dp_comm:.2f}, PP comm "
-             f"{t.pp_comm:.3f}), effective MFU {t.mfu:.2f}, {t.tokens_per_s:,.0f} tokens/s"]
+             f"{t.pp_comm:.3f}" + (f", EP comm {t.ep_comm:.2f}" if p.moe else "")
+             + f"), effective MFU {t.mfu:.2f}, {t.tokens_per_s:,.0f} tokens/s"]
     parts += p.notes()
     return "; ".join(parts)
 
@@ -62,11 +71,12 @@ def run_config(p: Plan, source: ModelSource, work: Workload, data: Optional[list
     train = {"tp": lay.tp, "pp": lay.pp, "sequence_parallel": lay.tp > 1,
              "micro_batch_size": lay.mbs, "global_batch_size": work.global_batch,
              "seq_len": work.seq_len, "dtype": "bf16"}
-    for name, value, default in (("cp", lay.cp, 1), ("vpp", lay.vpp, 1), ("recompute", lay.recompute, "none")):
+    for name, value, default in (("cp", lay.cp, 1), ("vpp", lay.vpp, 1), ("recompute", lay.recompute, "none"),
+                                 ("ep", lay.ep, 1)):
         if name in have and value != default:
             train[name] = value
     if train.get("recompute") == "selective":  # what the memory model assumes (memory.py)
-        train["recompute_modules"] = list(SELECTIVE_MODULES)
+        train["recompute_modules"] = list(selective_modules(source.model))
     elif train.get("recompute") == "full":
         train.update(recompute_method="uniform", recompute_num_layers=1)
     cfg: dict = {}
@@ -101,7 +111,7 @@ def write_run_config(path: str, p: Plan, source: ModelSource, work: Workload, cl
               f"step {p.time.seconds:.2f} s at the stated MFU {cluster.mfu:g}."]
     skipped = list(p.unsupported)
     if skipped:
-        values = {"cp": p.layout.cp, "vpp": p.layout.vpp, "recompute": p.layout.recompute}
+        values = {"cp": p.layout.cp, "vpp": p.layout.vpp, "recompute": p.layout.recompute, "ep": p.layout.ep}
         header.append("The plan also needs " + ", ".join(f"train.{f}: {values[f]}" for f in skipped)
                       + ", which the trainer does not have yet (issue #25): left out of the sections")
         header.append("below; the memory and time above assume them (tools/plan.py --supported-only plans")

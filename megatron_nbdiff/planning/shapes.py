@@ -5,7 +5,9 @@ Named shapes are the published configurations of their checkpoints (``config.jso
 Hugging Face hub). Their vocabulary is the HF vocabulary plus one appended mask token, which is
 what ``nbdiff-convert-hf-to-megatron --mask-token append`` (the default) produces; the mask token
 is the last real row. Only the shape matters to the planner (RoPE scaling and epsilons are kept so
-that the run config it writes describes the real model).
+that the run config it writes describes the real model). Each named shape is the
+:class:`ModelConfig` that ``checkpoint.families.parse_hf_config`` reads from its ``config.json``
+(tests/test_plan.py compares the mixture-of-experts ones).
 """
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ NAMED_SHAPES: dict[str, tuple[int, dict, str]] = {
     "bench-1.1b": (32000, dict(hidden_size=2048, num_layers=22, num_attention_heads=16,
                                num_query_groups=4, ffn_hidden_size=5632, norm_eps=1e-5),
                    "the ~1.1B model of benchmarks/train_step.py (BENCHMARKS.md)"),
+    # mixture of experts: every layer a MoE layer (Qwen3: decoder_sparse_step 1, no mlp_only_layers)
+    "qwen3-30b-a3b": (151936, dict(hidden_size=2048, num_layers=48, num_attention_heads=32,
+                                   num_query_groups=4, kv_channels=128, ffn_hidden_size=6144,
+                                   rope_base=1000000.0, norm_eps=1e-6, qk_layernorm=True, num_experts=128,
+                                   moe_topk=8, moe_ffn_hidden_size=768, moe_norm_topk_prob=True,
+                                   moe_dense_layers=[]),
+                      "Qwen/Qwen3-30B-A3B (128 experts, top-8)"),
+    "mixtral-8x7b": (32000, dict(hidden_size=4096, num_layers=32, num_attention_heads=32,
+                                 num_query_groups=8, ffn_hidden_size=14336, rope_base=1000000.0,
+                                 norm_eps=1e-5, num_experts=8, moe_topk=2, moe_ffn_hidden_size=14336,
+                                 moe_norm_topk_prob=True, moe_dense_layers=[]),
+                     "mistralai/Mixtral-8x7B-v0.1 (8 experts, top-2)"),
 }
 
 
@@ -71,6 +85,7 @@ def named_shape(name: str, seq_len: int) -> ModelSource:
             "nor a directory with config.json or nbdiff.json"
         )
     hf_vocab, fields, origin = NAMED_SHAPES[name]
+    fields = {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}  # no shared lists
     mc = ModelConfig(vocab_size=hf_vocab + 1, max_seq_len=seq_len, attention_backend="flex", **fields)
     return ModelSource(mc, "named", name, hf_vocab, f"{name}: {origin}, vocabulary {hf_vocab} + 1 mask token")
 
@@ -90,8 +105,8 @@ def load_model(spec: str, seq_len: int) -> ModelSource:
                     f"--seq-len {seq_len} exceeds model_config.max_seq_len {mc.max_seq_len} in "
                     f"{os.path.join(spec, 'nbdiff.json')}: the trainer would refuse the run"
                 )
-            return check_dense(ModelSource(mc, "checkpoint", spec, None,
-                                           f"{spec}: converted {meta.hf_architecture} checkpoint (nbdiff.json)"))
+            return ModelSource(mc, "checkpoint", spec, None,
+                               f"{spec}: converted {meta.hf_architecture} checkpoint (nbdiff.json)")
         if os.path.isfile(os.path.join(spec, "config.json")):
             from ..checkpoint.families import parse_hf_config
 
@@ -99,19 +114,10 @@ def load_model(spec: str, seq_len: int) -> ModelSource:
             hf_vocab = info.model_config.vocab_size
             mc = dataclasses.replace(info.model_config, vocab_size=hf_vocab + 1,
                                      attention_backend="flex")
-            return check_dense(ModelSource(mc, "hf", spec, hf_vocab,
-                                           f"{spec}: {info.family.architecture} config.json, vocabulary "
-                                           f"{hf_vocab} + 1 mask token (appended at conversion)"))
+            return ModelSource(mc, "hf", spec, hf_vocab,
+                               f"{spec}: {info.family.architecture} config.json, vocabulary "
+                               f"{hf_vocab} + 1 mask token (appended at conversion)")
         raise ConfigError(f"model directory {spec} has neither nbdiff.json (a converted checkpoint) "
                           "nor config.json (a Hugging Face model)")
     return named_shape(spec, seq_len)
 
-
-def check_dense(source: ModelSource) -> ModelSource:
-    """``source`` if its model is dense: the planner's parameter, memory and time formulas count
-    one SwiGLU MLP per layer and no expert parallelism, so a mixture-of-experts model is refused
-    (issue #26) rather than planned with wrong numbers."""
-    if source.model.is_moe:
-        raise ConfigError(f"{source.described}: a mixture-of-experts model ({source.model.num_experts} experts); the "
-                          "planner counts dense layers only and cannot plan it yet")
-    return source

@@ -14,6 +14,10 @@ run both streams, so their ``T`` is doubled):
   layer) and the MLP (``2 * 3hf * T`` per layer), ``full`` the whole layer (``2 * N_layers * T``
   plus the attention forward).
 
+A mixture-of-experts layer counts its active weights: the router (``hE``) and ``k`` experts
+(``3 h f_e`` each) per token, in ``N`` and in what ``selective`` replays (the MoE block, megatron's
+``moe`` module).
+
 Compute time is the hardware FLOPs over ``world * peak * mfu`` (``mfu``: what the GPUs reach while
 computing), stretched by the pipeline bubble ``(p - 1) / (v * m)``. Communication (bus bandwidth
 ``intra_node_gbs`` when a group stays in a node, ``inter_node_gbs`` otherwise; megatron orders
@@ -22,11 +26,21 @@ ranks TP, CP, DP, PP from fastest-varying) is added where the trainer does not o
 * TP with sequence parallelism: per layer and micro-batch, 4 all-gathers / reduce-scatters of the
   ``s x b x h`` activation forward and 4 backward (2 more with ``selective``, the MLP's, and 4 more
   with ``full``), each moving
-  ``(t - 1)/t`` of it;
+  ``(t - 1)/t`` of it; in a MoE layer only the attention's 4 (6 with ``full``) — its MLP half is
+  the token dispatch below;
+* MoE token dispatch (megatron's ``allgather`` dispatcher, the trainer's; over the TP x EP
+  ranks, ``G = t * ep`` of them, when ``G > 1``): per MoE layer and micro-batch, forward the
+  all-gather of the ``s b / t`` tokens of each rank (bf16, ``2h`` a token), their routing
+  probabilities (fp32, ``4E``) and mask (``E``), and the fp32 reduce-scatter of the combined
+  expert outputs (``4h``); backward the reduce-scatters of the tokens' and probabilities'
+  gradients (``2h + 4E``) and the all-gather of the output gradient (``4h``): ``12h + 9E`` bytes
+  per gathered token, ``6h + 5E`` more when the layer is recomputed (``selective``, ``full``), each
+  collective moving ``(G - 1)/G`` of the ``s b ep`` gathered tokens;
 * CP: per layer and micro-batch, the key/value all-gather forward, its reduce-scatter backward,
   and the gather again when attention is recomputed;
 * DP: the gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed
-  optimizer over the DP x CP ranks, once a step (overlap is off in the trainer today);
+  optimizer over the DP x CP ranks, once a step (overlap is off in the trainer today); the
+  experts' over their ``dp * cp / ep`` expert-data-parallel ranks;
 * PP: the activation and its gradient across each stage boundary per micro-batch.
 
 The effective MFU reported is model FLOPs over (step time x world x peak).
@@ -37,7 +51,7 @@ import dataclasses
 
 from ..config import ModelConfig
 from .layouts import BLOCK_SIZE, Cluster, Layout, Workload
-from .parameters import layer_parameters, numel, rank_parameter_count
+from .parameters import layer_parameters, numel, rank_parameter_counts
 
 
 @dataclasses.dataclass
@@ -50,6 +64,8 @@ class StepTime:
     cp_comm: float
     dp_comm: float
     pp_comm: float
+    ep_comm: float
+    """Seconds of MoE token dispatch and combine (over the TP x EP ranks)."""
     model_tflop: float
     """Model FLOPs of one step / 1e12 (no recomputation)."""
     mfu: float
@@ -68,11 +84,28 @@ def attention_pairs(layout_name: str, L: int, B: int = BLOCK_SIZE) -> float:
     return float(L) * L  # single_annealed ends bidirectional
 
 
+def moe_layer_count(mc: ModelConfig) -> int:
+    return sum(1 for i in range(mc.num_layers) if mc.is_moe_layer(i))
+
+
+def mlp_matmul_params(mc: ModelConfig, moe: bool) -> int:
+    """Weights one token goes through in a layer's MLP: the dense SwiGLU, or a MoE layer's router
+    and ``moe_topk`` experts (0 for a dense model)."""
+    if moe:
+        if not mc.is_moe:
+            return 0
+        return mc.hidden_size * mc.num_experts + mc.moe_topk * 3 * mc.hidden_size * mc.moe_ffn_hidden_size
+    return 3 * mc.hidden_size * mc.ffn_hidden_size
+
+
 def matmul_params(mc: ModelConfig) -> tuple[int, int]:
-    """(weights of the layers' matmuls, weights of the output layer)."""
-    per_layer = sum(numel(s) for n, s in layer_parameters(mc, 1, 0) if n.endswith("linear_proj.weight")
-                    or n.endswith("linear_qkv.weight") or ".mlp." in n)
-    return per_layer * mc.num_layers, mc.vocab_size * mc.hidden_size
+    """(active weights of the layers' matmuls, weights of the output layer)."""
+    attention = sum(numel(s) for n, s in layer_parameters(mc, 1, 0, moe=False)
+                    if n.endswith("linear_proj.weight") or n.endswith("linear_qkv.weight"))
+    n_moe = moe_layer_count(mc)
+    layers = (attention * mc.num_layers + mlp_matmul_params(mc, False) * (mc.num_layers - n_moe)
+              + mlp_matmul_params(mc, True) * n_moe)
+    return layers, mc.vocab_size * mc.hidden_size
 
 
 def model_flops(mc: ModelConfig, work: Workload) -> tuple[float, float]:
@@ -96,7 +129,9 @@ def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster)
     flops, attn_fwd = model_flops(mc, work)
     layers, _ = matmul_params(mc)
     tokens = work.global_batch * work.streams * work.seq_len
-    mlp_fwd = 2 * 3 * mc.hidden_size * mc.ffn_hidden_size * mc.num_layers * tokens
+    n_moe = moe_layer_count(mc)
+    mlp_fwd = 2 * (mlp_matmul_params(mc, False) * (mc.num_layers - n_moe)
+                   + mlp_matmul_params(mc, True) * n_moe) * tokens
     extra = {"none": 0.0, "selective": attn_fwd + mlp_fwd, "full": 2 * layers * tokens + attn_fwd}[layout.recompute]
     compute = (flops + extra) / (cluster.world * cluster.peak_tflops * 1e12 * cluster.mfu)
     bubble = compute * (p - 1) / (v * m)
@@ -107,21 +142,39 @@ def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster)
     tp_comm = 0.0
     if t > 1:
         collectives = {"none": 8, "selective": 10, "full": 12}[layout.recompute]
+        if n_moe:  # a MoE layer has only the attention's; its MLP half is the token dispatch
+            attention_only = {"none": 4, "selective": 4, "full": 6}[layout.recompute]
+            collectives = (collectives * (mc.num_layers - n_moe) + attention_only * n_moe) / mc.num_layers
         tp_comm = collectives * (t - 1) / t * act * layers_per_stage * m / _bandwidth(cluster, t)
+    ep_comm = 0.0
+    group = t * layout.ep
+    if n_moe and group > 1:
+        h, e = mc.hidden_size, mc.num_experts
+        per_token = 12 * h + 9 * e + (6 * h + 5 * e if layout.recompute != "none" else 0)
+        gathered = s * b * layout.ep
+        moe_per_stage = n_moe / mc.num_layers * layers_per_stage
+        ep_comm = (group - 1) / group * gathered * per_token * moe_per_stage * m / _bandwidth(cluster, group)
     cp_comm = 0.0
     if cp > 1:
         kv = 2 * work.seq_len * b * mc.num_query_groups * mc.kv_channels / t * 2
         passes = 2 if layout.recompute == "none" else 3
         cp_comm = passes * (cp - 1) / cp * kv * layers_per_stage * m / _bandwidth(cluster, t * cp)
     shards = dp * cp
+    expert_shards = shards // layout.ep
     dp_comm = 0.0
     if shards > 1:
-        params = max(rank_parameter_count(mc, t, p, 0), rank_parameter_count(mc, t, p, p - 1))
-        dp_comm = (4 + 2) * params * (shards - 1) / shards / _bandwidth(cluster, t * shards)
+        per_stage = []
+        for stage in (0, p - 1):
+            dense, expert = rank_parameter_counts(mc, t, p, stage, ep=layout.ep, vpp=v)
+            seconds = (4 + 2) * dense * (shards - 1) / shards / _bandwidth(cluster, t * shards)
+            if expert and expert_shards > 1:
+                seconds += (4 + 2) * expert * (expert_shards - 1) / expert_shards / _bandwidth(cluster, t * shards)
+            per_stage.append(seconds)
+        dp_comm = max(per_stage)
     pp_comm = 0.0
     if p > 1:
         pp_comm = 2 * m * v * act / t / _bandwidth(cluster, t * cp * dp * 2)
-    seconds = compute + bubble + tp_comm + cp_comm + dp_comm + pp_comm
+    seconds = compute + bubble + tp_comm + cp_comm + dp_comm + pp_comm + ep_comm
     mfu = flops / (seconds * cluster.world * cluster.peak_tflops * 1e12)
-    return StepTime(seconds, compute, bubble, tp_comm, cp_comm, dp_comm, pp_comm, flops / 1e12, mfu,
+    return StepTime(seconds, compute, bubble, tp_comm, cp_comm, dp_comm, pp_comm, ep_comm, flops / 1e12, mfu,
                     work.global_batch * work.seq_len / seconds)
