@@ -285,3 +285,14 @@ def test_bad_dtype_is_named(ckpts):
 
     with pytest.raises(DecodingError, match="dtype must be one of"):
         load_runner(ckpts["exp"], dtype="fp8")
+
+
+def test_a_parallel_size_for_an_hf_model_is_named(ckpts):
+    """tp / ep apply to Megatron checkpoints; an exported HF model asked for them is one error
+    naming the size and why, not a silently unsharded run."""
+    from megatron_nbdiff.inference import DecodingError, load_runner
+
+    for name in ("tp", "ep"):
+        with pytest.raises(DecodingError, match=f"^{name}=2: .* is a Hugging Face model"):
+            load_runner(ckpts["exp"], **{name: 2})
+    assert type(load_runner(ckpts["exp"], tp=1, ep=1)).__name__ == "HFRunner"

@@ -18,7 +18,7 @@ Decoding (``generate_until`` and the greedy check of diffusion scoring): ``mode`
 ``batch_size`` (8; ``auto`` means 8), ``max_length`` (default: the model's maximum positions),
 ``max_gen_toks`` (default for requests that give none, 256), ``add_bos_token`` (false: prompts are
 encoded without special tokens, as lm-eval's HF model does by default), ``stop_check_every``
-(64), ``device``, ``dtype``, ``tp``.
+(64), ``device``, ``dtype``, ``tp``, ``ep``.
 
 What each request type computes
 -------------------------------
@@ -169,7 +169,8 @@ class NBDiffLM(TemplateLM):
                  mc_eps: float = 1e-3, greedy_check: Any = True, batch_size: Any = 8, max_batch_size: Any = None,
                  max_length: Optional[int] = None, max_gen_toks: int = 256,
                  add_bos_token: Any = False, stop_check_every: int = 64, device: Any = None,
-                 dtype: Optional[str] = None, tp: Optional[int] = None, **unknown: Any) -> None:
+                 dtype: Optional[str] = None, tp: Optional[int] = None, ep: Optional[int] = None,
+                 **unknown: Any) -> None:
         super().__init__()
         if unknown:
             known = sorted(k for k in inspect.signature(type(self).__init__).parameters if k not in ("self", "unknown"))
@@ -187,7 +188,7 @@ class NBDiffLM(TemplateLM):
                 # lm-eval's command line passes device=cuda unless told otherwise
                 log.warning("device %s requested but CUDA is not available: the model runs on the CPU", device)
                 device = None
-            self.runner = load_runner(str(model), device=device, dtype=dtype, tp=tp)
+            self.runner = load_runner(str(model), device=device, dtype=dtype, tp=tp, ep=ep)
         info = self.runner.info
         if self.runner.tokenizer is None:
             raise EvaluationError(f"{info.source} has no tokenizer: lm-eval hands the model text")

@@ -15,10 +15,12 @@ SINGLE_STREAM_LAYOUTS = ("single_annealed", "bidirectional")
 
 
 def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cache: bool = True,
-                tp: Optional[int] = None, allow_pickle: bool = False) -> ModelRunner:
+                tp: Optional[int] = None, ep: Optional[int] = None, allow_pickle: bool = False) -> ModelRunner:
     """A runner for an exported HF directory, a Megatron checkpoint, or a training run folder
     (its newest complete checkpoint). HF directories without ``nbdiff.json`` load for AR decoding
-    only. ``allow_pickle``: let an HF directory without safetensors load its pickled
+    only. ``tp`` / ``ep``: the tensor- and expert-parallel sizes of a Megatron checkpoint's runner
+    (None: those of the initialised process groups, else 1; an HF model runs whole on one process).
+    ``allow_pickle``: let an HF directory without safetensors load its pickled
     ``pytorch_model.bin`` (only for a file you trust: unpickling can run code)."""
     from ..errors import NBDiffError
     from ..training.checkpointing import resolve_checkpoint
@@ -43,8 +45,12 @@ def load_runner(path: str, *, device=None, dtype: Optional[str] = None, use_cach
     if kind == "megatron":
         from .megatron_runner import MegatronRunner
 
-        return MegatronRunner.from_checkpoint(path, tp=tp, dtype=dtype, use_cache=use_cache)
+        return MegatronRunner.from_checkpoint(path, tp=tp, ep=ep, dtype=dtype, use_cache=use_cache)
     if kind in (None, "hf") and os.path.isfile(os.path.join(path, "config.json")):
+        for name, size in (("tp", tp), ("ep", ep)):
+            if size not in (None, 1):
+                raise DecodingError(f"{name}={size}: {path} is a Hugging Face model, which runs whole on "
+                                    f"one process; {name} applies to Megatron checkpoints")
         from .hf_runner import HFRunner
 
         return HFRunner.from_pretrained(path, device=device, dtype=dtype, use_cache=use_cache,
