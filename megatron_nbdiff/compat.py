@@ -28,7 +28,8 @@ parallel pieces:
 The CPU shims are inactive when CUDA is present: :func:`install` installs no shim and
 :func:`cpu_device_mode` is a null context.
 
-Mixture-of-experts layers need one more fix, keyed on Transformer Engine rather than on CUDA:
+Mixture-of-experts layers need two more: 8 is keyed on Transformer Engine rather than on CUDA,
+9 is a CPU shim like 1-7 (inactive when CUDA is present):
 
 8. megatron-core 0.16.1's ``moe/moe_utils.py`` imports ``te_general_gemm`` inside a
    ``try: import transformer_engine`` block, and its router's gating linear
@@ -38,6 +39,17 @@ Mixture-of-experts layers need one more fix, keyed on Transformer Engine rather 
    import, so the router takes its own torch path (``torch.mm`` in the router dtype). Where TE
    imports (the GPU stack) the name exists and nothing is changed; a CUDA host without TE has the
    same bug, so this one is not limited to CPU.
+
+9. The ``alltoall`` token dispatcher (``MoEAlltoAllTokenDispatcher``, ``train.moe_dispatcher``)
+   creates a CUDA side stream in its constructor and, at one point of every dispatch, copies its
+   split sizes (tokens sent to and received from each EP rank, ``input_splits``,
+   ``output_splits``, ``output_splits_tp``) to the host on that stream as numpy arrays, then
+   waits for an event (``_maybe_dtoh_and_synchronize``). Without CUDA the constructor raises.
+   Shim (:func:`install_alltoall_without_cuda`, a CPU shim): the class's stream slot holds a
+   placeholder, so no stream is created, and the copy point only turns the (already host) split
+   tensors into numpy arrays, the types the dispatcher's collectives receive on a GPU; there is
+   nothing to wait for. The dispatch itself (permutation, ``all_to_all_single``, chunk sorting)
+   is megatron's, and gloo has the all-to-all.
 
 megatron-core's MoE otherwise runs on CPU as it is: the router's ``gating`` moves its weight to
 ``torch.cuda.current_device()`` (shim 1 makes that the CPU), the ``allgather`` token dispatcher
@@ -119,6 +131,7 @@ def install() -> bool:
 
         mrandom._get_all_rng_states = _rng_states_without_cuda
         mrandom._set_all_rng_states = _set_rng_states_without_cuda
+        install_alltoall_without_cuda()
         _installed = True
     return True
 
@@ -148,6 +161,32 @@ def install_moe_without_te() -> bool:
         return False
     moe_utils.te_general_gemm = None
     return True
+
+
+_NO_DTOH_STREAM = object()
+"""Shim 9: what the alltoall dispatcher's CUDA side-stream slot holds without CUDA."""
+
+
+def install_alltoall_without_cuda() -> None:
+    """Shim 9: megatron's ``alltoall`` token dispatcher without a CUDA side stream. A CPU shim:
+    :func:`install` calls it only when CUDA is absent. Idempotent."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NO_DTOH_STREAM
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _alltoall_splits_to_host
+
+
+def _alltoall_splits_to_host(self, point, tokens_per_expert=None):
+    """Shim 9: ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on the host. At the
+    dispatcher's copy point its split sizes become numpy arrays, as megatron's copy makes them;
+    the other values it copies (token counts) stay host tensors, as megatron's copy leaves a host
+    tensor. No stream, no event. Dispatchers that pad to capacity copy nothing (as megatron)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
 
 
 def _tensor_stays_on_cpu(self, *args, **kwargs):

@@ -28,6 +28,7 @@ TSampling = Literal["uniform", "antithetic", "stratified"]
 OptimizerFormat = Literal["dp_reshardable", "fully_reshardable"]
 Recompute = Literal["none", "selective", "full"]
 RecomputeMethod = Literal["uniform", "block"]
+MoeDispatcher = Literal["auto", "allgather", "alltoall"]
 # megatron-core's selective-recompute modules that this model has: no MLA; ``moe_act`` needs
 # grouped GEMM; ``layernorm`` goes through ``CheckpointWithoutOutput``, which in megatron-core
 # 0.16.1 always takes its FP8 path (``self.fp8 = fp8 is not None``) and so needs Transformer Engine
@@ -444,6 +445,22 @@ class TrainConfig:
     ``ep`` ranks, carved out of the data-parallel ranks (``ep`` divides ``num_experts`` and the
     data-parallel size). Routers, attention and dense layers stay data-parallel; a checkpoint
     resumes at any ``ep``."""
+    moe_dispatcher: MoeDispatcher = "auto"
+    """megatron-core's token dispatcher of the MoE layers (mixture-of-experts models; a dense model
+    ignores it): 'allgather' (every rank of the TP x EP group receives every token of the group and
+    keeps those routed to its experts: the traffic grows with ``ep``), 'alltoall' (each token's
+    ``moe_topk`` routed copies go only to the EP ranks holding their experts, then are gathered
+    over TP), or 'auto': 'alltoall' when ``ep > 1``, 'allgather' at ``ep = 1``.
+
+    Why this default: both compute the same layer (on CPU with gloo, EP=2 with 'alltoall' trains
+    with the EP=1 losses and gradient norms step for step, and gives exactly the steps of
+    'allgather' at EP=2; tests/test_moe_training.py), and 'alltoall' is megatron's dispatcher for
+    expert parallelism, whose traffic does not grow with the EP group. At ``ep = 1`` there is no
+    EP traffic to save and its TP gather of ``k`` copies per token is larger than the all-gather's
+    one copy. It is not always the faster at ``ep > 1``: with many experts per token and a small
+    EP group inside a node 'allgather' can move fewer bytes; the capacity planner
+    (docs/plans.md) estimates both and writes the faster one explicitly. The dispatcher does not
+    change the checkpoint: a run may resume with another one."""
     dtype: Dtype = "auto"
     """'auto' (bf16 with CUDA, fp32 without), 'bf16' or 'fp32'."""
     log_interval: int = 1
@@ -506,6 +523,17 @@ class TrainConfig:
                               "layers of a pipeline stage (recompute_method 'block')")
         return dict(recompute_granularity="full", recompute_method=self.recompute_method,
                     recompute_num_layers=min(self.recompute_num_layers, layers_per_stage))
+
+
+def resolve_moe_dispatcher(choice: str, ep: int) -> str:
+    """The token dispatcher a :attr:`TrainConfig.moe_dispatcher` choice means at expert-parallel
+    size ``ep``: 'auto' is 'alltoall' when ``ep > 1``, else 'allgather'."""
+    if choice not in typing.get_args(MoeDispatcher):
+        raise ConfigError(f"train.moe_dispatcher must be one of {', '.join(typing.get_args(MoeDispatcher))}, "
+                          f"found {choice!r}")
+    if choice == "auto":
+        return "alltoall" if ep > 1 else "allgather"
+    return choice
 
 
 @dataclasses.dataclass

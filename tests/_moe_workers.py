@@ -81,10 +81,12 @@ def layout(rank, world, port, jobs, tp, pp, ep):
     return out
 
 
-def train_records(rank, data, ep=2, steps=3):
-    """The trainer at ``train.ep = ep`` on this gloo world for ``steps`` steps (resuming from the
-    run folder's checkpoint, if any); returns rank 0's metrics.jsonl training records (every
-    rank's, identical on all ranks by construction, from the file rank 0 wrote)."""
+def train_records(rank, runs, steps=3):
+    """For each run config dict of ``runs`` in turn (its ``train.ep``, ``train.moe_dispatcher``...
+    as given), the trainer on this gloo world for ``steps`` steps (resuming from the run folder's
+    checkpoint, if any). Returns per run rank 0's metrics.jsonl training records (every rank's,
+    identical on all ranks by construction, from the file rank 0 wrote), the experts this rank
+    holds per MoE layer, the class of their token dispatcher and the parameter count."""
     import json
     import os
 
@@ -93,21 +95,24 @@ def train_records(rank, data, ep=2, steps=3):
     from megatron_nbdiff.config import RunConfig
     from megatron_nbdiff.training.trainer import Trainer
 
-    data = {k: dict(v) for k, v in data.items()}
-    data["train"].update(ep=ep)
-    trainer = Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps)
-    trainer.run()
-    local = [len(m.local_experts) for m in trainer.inner.modules() if type(m).__name__ == "SequentialMLP"]
-    dist.barrier()
-    with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if "eval_loss" not in r]
-    return {"records": records, "local_experts": local, "num_params": trainer.num_params}
+    out = []
+    for data in runs:
+        trainer = Trainer(RunConfig.from_dict(data), quiet=True, stop_after=steps)
+        trainer.run()
+        moe = [m for m in trainer.inner.modules() if type(m).__name__ == "MoELayer"]
+        dist.barrier()
+        with open(os.path.join(data["checkpoint"]["save_dir"], "metrics.jsonl")) as f:
+            records = [r for r in map(json.loads, f) if "eval_loss" not in r]
+        out.append({"records": records, "local_experts": [len(m.experts.local_experts) for m in moe],
+                    "dispatchers": sorted({type(m.token_dispatcher).__name__ for m in moe}),
+                    "num_params": trainer.num_params})
+    return out
 
 
 def decode(rank, world, port, ckpt, prompts, ep, max_new_tokens):
     """The Megatron runner of ``ckpt`` at EP=``ep`` on this gloo world: greedy block-size-1
-    decoding of each prompt (every rank decodes the same prompts); returns the generated ids and
-    the number of experts this rank holds per MoE layer."""
+    decoding of each prompt (every rank decodes the same prompts); returns the generated ids, the
+    number of experts this rank holds per MoE layer and the class of their token dispatcher."""
     import torch.distributed as dist
 
     from megatron_nbdiff.inference import generate
@@ -119,8 +124,10 @@ def decode(rank, world, port, ckpt, prompts, ep, max_new_tokens):
         initialize_parallel(1, 1, ep=ep)
         runner = MegatronRunner.from_checkpoint(ckpt, ep=ep)
         local = [len(m.local_experts) for m in runner.model.modules() if type(m).__name__ == "SequentialMLP"]
+        dispatchers = sorted({type(m.token_dispatcher).__name__ for m in runner.model.modules()
+                              if type(m).__name__ == "MoELayer"})
         out = [generate(runner, [p], block_size=1, max_new_tokens=max_new_tokens, stop_at_eos=False)[0]["token_ids"]
                for p in prompts]
     finally:
         destroy_parallel()
-    return {"tokens": out, "local_experts": local}
+    return {"tokens": out, "local_experts": local, "dispatchers": dispatchers}

@@ -1,13 +1,15 @@
 """Mixture-of-experts training and decoding on CPU: a tiny Qwen3-MoE-shaped model (4 experts,
 top-2 renormalised, QK-norm, hidden 32, 2 layers, sequence 16) trained with the nbdiff recipe.
 
-EP=2 (two gloo processes) gives the EP=1 losses, gradient norms, router losses and expert loads
-step for step, and checkpoints cross EP in both directions; so does CP=2; the router losses reach the gradient
-with megatron's per-micro-batch scale (checked against a hand computation from the routers'
-inputs) and are reported with the expert load of each stream; nbdiff lowers the loss; resume is
-exact; the Megatron runner's block-size-1 decoding of a converted Qwen3-MoE / Mixtral checkpoint
-(also at EP=2) and the HF runner's of its export equal transformers' greedy generate; bad layouts
-are one error before any work."""
+EP=2 (two gloo processes) with the alltoall token dispatcher gives the EP=1 losses, gradient
+norms, router losses and expert loads step for step, and exactly the steps of the allgather
+dispatcher; checkpoints cross EP in both directions and cross dispatchers; so does CP=2; the
+router losses reach the gradient with megatron's per-micro-batch scale (checked against a hand
+computation from the routers' inputs) and are reported with the expert load of each stream;
+nbdiff lowers the loss; resume is exact; the Megatron runner's block-size-1 decoding of a
+converted Qwen3-MoE / Mixtral checkpoint (also at EP=2, where the default dispatcher is alltoall)
+and the HF runner's of its export equal transformers' greedy generate; bad layouts and a bad
+dispatcher are one error before any work."""
 import os
 
 import pytest
@@ -46,22 +48,37 @@ def assert_close_entries(got: dict, want: dict, rel: float) -> None:
 # --- expert parallelism in training ------------------------------------------------------------
 
 
-def test_ep2_training_equals_ep1_and_checkpoints_cross_ep(corpus, tmp_path):
-    """One run that changes EP twice: steps 0-1 at EP=1 (checkpoint at 2), 2-3 at EP=2 on two
-    processes (resumed from the EP=1 checkpoint, with Adam state; checkpoint at 4), 4-5 at EP=1
-    again (resumed from the EP=2 checkpoint). Every step equals an uninterrupted EP=1 run: loss,
-    gradient norm, router losses and expert load per stream."""
+def test_ep2_training_equals_ep1_and_checkpoints_cross_ep_and_dispatcher(corpus, tmp_path):
+    """One run that changes EP twice and the token dispatcher: steps 0-1 at EP=1 with the
+    ``allgather`` dispatcher (checkpoint at 2), 2-3 at EP=2 on two processes with ``alltoall``
+    (resumed from the EP=1 checkpoint, with Adam state; checkpoint at 4), 4-5 at EP=1 again
+    (resumed from the EP=2 checkpoint). Every step equals an uninterrupted EP=1 run: loss,
+    gradient norm, router losses and expert load per stream. In the same two processes a copy of
+    the step-2 checkpoint resumed at EP=2 with ``allgather`` gives the ``alltoall`` steps exactly:
+    the dispatcher moves the same tokens to the same experts."""
+    import shutil
+
     router = dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001)
     ref_data = moe_config(corpus, tmp_path / "ref", model=router)
     code, ref_trainer = run(ref_data)
     assert code == 0
     ref = losses(tmp_path / "ref")
-    data = moe_config(corpus, tmp_path / "mixed", model=router, checkpoint=dict(save_interval=2))
+    data = moe_config(corpus, tmp_path / "mixed", model=router, train=dict(moe_dispatcher="allgather"),
+                      checkpoint=dict(save_interval=2))
     assert run(data, stop_after=2)[0] == 0
-    got = run_world("_moe_workers", "train_records", str(tmp_path / "out"), data=data, ep=2, steps=2)
-    assert [r["local_experts"] for r in got] == [[2, 2], [2, 2]]  # 4 experts, 2 per rank in each layer
-    assert [r["num_params"] for r in got] == [ref_trainer.num_params] * 2  # every expert counted once
-    assert [r["step"] for r in got[0]["records"]] == [0, 1, 2, 3]
+    shutil.copytree(tmp_path / "mixed" / "checkpoints", tmp_path / "gathered" / "checkpoints")
+    alltoall = dict(data, train=dict(data["train"], ep=2, moe_dispatcher="alltoall"))
+    gathered = moe_config(corpus, tmp_path / "gathered", model=router, train=dict(ep=2, moe_dispatcher="allgather"),
+                          checkpoint=dict(save_interval=2))
+    got = run_world("_moe_workers", "train_records", str(tmp_path / "out"), runs=[alltoall, gathered], steps=2)
+    for rank in got:
+        assert [r["dispatchers"] for r in rank] == [["MoEAlltoAllTokenDispatcher"], ["MoEAllGatherTokenDispatcher"]]
+        assert [r["local_experts"] for r in rank] == [[2, 2], [2, 2]]  # 4 experts, 2 per rank in each layer
+        assert [r["num_params"] for r in rank] == [ref_trainer.num_params] * 2  # every expert counted once
+    a2a, ag = got[0]
+    assert [r["step"] for r in a2a["records"]] == [0, 1, 2, 3] and [r["step"] for r in ag["records"]] == [2, 3]
+    for x, y in zip(a2a["records"][2:], ag["records"]):
+        assert (x["loss"], x["grad_norm"], moe_entries(x)) == (y["loss"], y["grad_norm"], moe_entries(y))
     code, trainer = run(data)
     assert code == 0 and trainer.start_step == 4
     mixed = losses(tmp_path / "mixed")
@@ -222,6 +239,7 @@ def test_block_size_one_decoding_equals_transformers_greedy(family, tmp_path):
         ranks = run_world("_moe_workers", "decode", str(tmp_path / "out"), init=False, ckpt=meg, prompts=prompts,
                           ep=2, max_new_tokens=10)
         assert [r["local_experts"] for r in ranks] == [[3], [3]]  # layer 0 dense, 6 experts over 2 ranks
+        assert [r["dispatchers"] for r in ranks] == [["MoEAlltoAllTokenDispatcher"]] * 2  # 'auto' at EP=2
         assert ranks[0]["tokens"] == ranks[1]["tokens"] == ref
 
 
@@ -237,6 +255,8 @@ def test_bad_expert_layouts_fail_before_any_work(corpus, tmp_path):
         (dict(train=dict(ep=2)), "expert parallel size 2 needs a mixture-of-experts model; this one is dense"),
         (dict(model=MOE, train=dict(ep=2)), r"expert parallel size 2 does not divide world size 1 / \(tensor"),
         (dict(model=MOE, train=dict(ep=0)), "train.ep must be >= 1"),
+        (dict(model=MOE, train=dict(moe_dispatcher="all2all")),
+         "train.moe_dispatcher: expected one of 'auto' | 'allgather' | 'alltoall', found 'all2all'"),
     ]
     for sections, needle in cases:
         save = tmp_path / "run"
@@ -313,11 +333,11 @@ def test_qwen3_30b_a3b_config_fits_4_to_8_nodes(nodes):
     cfg = RunConfig.load(os.path.join(ROOT, "examples", "slurm", "configs", "nbdiff_qwen3_30b_a3b.yaml"))
     m, t = cfg.model, cfg.train
     assert (m.num_layers, m.hidden_size, m.num_experts, m.moe_topk, m.moe_ffn_hidden_size) == (48, 2048, 128, 8, 768)
-    assert t.tp * t.pp == 8 and t.sequence_parallel  # a replica on one node
+    assert t.tp * t.pp * t.cp == 32  # a replica on four nodes
     check_layout(cfg, m, world_size=nodes * 8)
     assert validate_launch(cfg, nodes, 8, 8, check_paths=False) == []
-    with pytest.raises(ConfigError, match="does not divide the data-parallel size 1"):
-        check_layout(cfg, m, world_size=8)  # one node: a single data-parallel rank cannot hold EP=4
+    with pytest.raises(ConfigError, match="world size 8 is not divisible by tensor 1 x pipeline 8 x context 4"):
+        check_layout(cfg, m, world_size=8)  # one node cannot hold a replica
 
 
 @pytest.mark.parametrize("recompute", [dict(recompute="full"), dict(recompute="selective", recompute_modules=["moe"])])

@@ -10,14 +10,17 @@
   copy plus the Adam moments the real megatron optimizer creates (the CPU trainer's fp32
   optimizer holds the moments; the fp32 parameters are what the bf16 path's master copy is).
 * The bytes a bf16 MoE layer's router, dispatcher and experts save for the backward pass equal
-  the memory model's MoE block, with both routing orders.
+  the memory model's MoE block, with both routing orders and both token dispatchers (``allgather``,
+  ``alltoall``) at EP=1 in one process and at EP=2 and TP=2 on two (counted with the rows each
+  rank's experts really receive); a bf16 dense SwiGLU MLP saves the memory model's ``10f``.
 * EP is enumerated for MoE models only, and every (TP, PP, CP, EP) the planner enumerates is one
   the trainer's layout check accepts, no more and no fewer EP sizes; a MoE plan's run config
-  (``train.ep``, ``recompute_modules`` with ``moe``) passes the trainer's validation and lowers
-  to megatron's TransformerConfig; the MoE named shapes equal what the converter reads from their
-  ``config.json``; a Mixtral HF directory is planned.
-* Every ``tools/plan.py`` command in docs/plans.md prints what the document shows (dense plans
-  included: MoE support left them unchanged).
+  (``train.ep``, ``train.moe_dispatcher``, ``recompute_modules`` with ``moe``) passes the
+  trainer's validation and the launcher's, and lowers to megatron's TransformerConfig with that
+  dispatcher; EP > 1 layouts are planned with the faster of the two dispatchers; the MoE named
+  shapes equal what the converter reads from their ``config.json``; a Mixtral HF directory is
+  planned.
+* Every ``tools/plan.py`` command in docs/plans.md prints what the document shows.
 * The interleaved schedule's in-flight layers match Korthikanti et al.'s figure; CP chunks are
   whole blocks for dual-stream recipes.
 * The best plan's run config loads and passes the Slurm launcher's validation (dry run), with
@@ -34,7 +37,12 @@ from megatron_nbdiff.config import ModelConfig, RunConfig, TrainConfig
 from megatron_nbdiff.errors import ConfigError
 from megatron_nbdiff.planning.cli import main as plan_main
 from megatron_nbdiff.planning.layouts import Cluster, Layout, Workload, cp_allowed, enumerate_layouts
-from megatron_nbdiff.planning.memory import layers_in_flight, moe_block_bytes_per_token
+from megatron_nbdiff.planning.memory import (
+    layers_in_flight,
+    mlp_bytes_per_token,
+    moe_block_bytes,
+    moe_block_bytes_per_token,
+)
 from megatron_nbdiff.planning.parameters import (
     grad_buffer_numel,
     grad_buffers,
@@ -145,15 +153,61 @@ def _per_rank_shapes(rank, configs):
             model = NBDiffModel(mc, tc)
             out[f"{name}/ep2"] = _shapes(model)
             out[f"{name}/ep2_buffers"] = buffers(tc, model)
+            for dispatcher in ("allgather", "alltoall"):
+                for tp, ep in ((2, 1), (1, 2)):
+                    initialize_parallel(tp, 1, ep=ep)
+                    tc = mc.transformer_config(tp=tp, ep=ep, moe_dispatcher=dispatcher, sequence_parallel=tp > 1,
+                                               dtype="bf16")
+                    out[f"{name}/saved_tp{tp}_ep{ep}_{dispatcher}"] = _moe_saved_bytes(mc, tc, tp, seed=rank)
     return out
 
 
-def test_per_rank_shapes_at_tp2_pp2_and_ep2_equal_the_model(tmp_path):
+def _moe_saved_bytes(mc, tc, tp=1, seed=0):
+    """(bytes, tokens, rows): what the bf16 MoE layer 0 of a model built with ``tc`` saves for its
+    backward pass (tensor storages other than the weights and the layer's input, each counted
+    once), for the 40 x 3 tokens of a micro-batch (``40 / tp`` x 3 on this TP rank), and the
+    (token, expert) rows its experts received (checked against its dispatcher's class)."""
+    from megatron_nbdiff.models import NBDiffModel
+
+    model = NBDiffModel(mc, tc).to(torch.bfloat16)
+    moe = model.gpt.decoder.layers[0].mlp
+    assert type(moe).__name__ == "MoELayer"
+    assert type(moe.token_dispatcher).__name__ == {"allgather": "MoEAllGatherTokenDispatcher",
+                                                   "alltoall": "MoEAlltoAllTokenDispatcher"}[
+        tc.moe_token_dispatcher_type]
+    seq, batch = 40 // tp, 3
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(seq, batch, mc.hidden_size, generator=g).to(torch.bfloat16).requires_grad_(True)
+    rows = []
+    moe.experts.register_forward_hook(lambda module, args, out: rows.append(int(args[1].sum())))
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = moe(x)
+    out.float().sum().backward()  # the saved tensors are what the backward pass uses
+    return sum(saved.values()), seq * batch, rows[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """:func:`_per_rank_shapes` of every configuration on two gloo processes (one spawn for the
+    module)."""
     from _gloo import run_world
 
+    return run_world("test_plan", "_per_rank_shapes", str(tmp_path_factory.mktemp("ranks")), world=2,
+                     configs=sorted(CONFIGS))
+
+
+def test_per_rank_shapes_at_tp2_pp2_and_ep2_equal_the_model(two_ranks):
     names = sorted(CONFIGS)
-    results = run_world("test_plan", "_per_rank_shapes", str(tmp_path), world=2, configs=names)
-    for rank, got in enumerate(results):
+    for rank, got in enumerate(two_ranks):
         for name in names:
             mc = tiny(name)
             assert [tuple(x) for x in got[f"{name}/tp2"]] == [tuple(x) for x in rank_parameters(mc, tp=2)]
@@ -173,18 +227,57 @@ def test_per_rank_shapes_at_tp2_pp2_and_ep2_equal_the_model(tmp_path):
     assert rank_parameter_counts(tiny("moe"), ep=2)[1] * 2 == rank_parameter_counts(tiny("moe"))[1]
 
 
+def test_moe_saved_bytes_at_tp2_and_ep2_equal_the_planned_bytes(two_ranks):
+    """On each of two ranks, with either dispatcher, at TP=2 (sequence parallel) and at EP=2, the
+    bytes a bf16 MoE layer saves are the memory model's for the tokens the rank routes and the
+    rows its experts receive (routing is not balanced here, so the rows are counted); balanced,
+    the rows are ``k t`` per token, the per-token block."""
+    mc = tiny("moe")
+    seen = set()
+    for got in two_ranks:
+        for dispatcher in ("allgather", "alltoall"):
+            for tp, ep in ((2, 1), (1, 2)):
+                nbytes, tokens, rows = got[f"moe/saved_tp{tp}_ep{ep}_{dispatcher}"]
+                assert nbytes == moe_block_bytes(mc, tokens, rows, tp=tp, ep=ep, dispatcher=dispatcher)
+                assert moe_block_bytes(mc, tokens, mc.moe_topk * tp * tokens, tp=tp, ep=ep, dispatcher=dispatcher) == (
+                    moe_block_bytes_per_token(mc, tp=tp, ep=ep, dispatcher=dispatcher) * tokens)
+                seen.add((tp, ep, dispatcher, nbytes))
+    # the dispatchers keep different tensors at TP=2: the all-gather's mask and probabilities of
+    # every gathered token against the all-to-all's of the rank's own tokens
+    assert moe_block_bytes_per_token(mc, tp=2, dispatcher="allgather") > moe_block_bytes_per_token(
+        mc, tp=2, dispatcher="alltoall")
+    assert {n for tp, ep, d, n in seen if tp == 2 and d == "allgather"}.isdisjoint(
+        {n for tp, ep, d, n in seen if tp == 2 and d == "alltoall"})
+
+
 @pytest.mark.usefixtures("one_process_group")
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
 @pytest.mark.parametrize("renormalised", [True, False])
-def test_moe_block_saved_tensors_equal_the_planned_bytes(renormalised):
+def test_moe_block_saved_tensors_equal_the_planned_bytes(renormalised, dispatcher):
     """What a bf16 MoE layer's router, dispatcher and experts save for the backward pass (tensor
     storages other than the weights and the layer's input, each counted once) is the memory
-    model's MoE block for its tokens; at EP=1 every assignment is local, so no balance is assumed."""
+    model's MoE block for its tokens, with either dispatcher; at EP=1 every assignment is local,
+    so no balance is assumed."""
+    mc = ModelConfig(max_seq_len=64, **dict(CONFIGS["moe"], moe_norm_topk_prob=renormalised))
+    nbytes, tokens, rows = _moe_saved_bytes(mc, mc.transformer_config(dtype="bf16", moe_dispatcher=dispatcher))
+    assert rows == mc.moe_topk * tokens
+    assert nbytes == moe_block_bytes_per_token(mc, tp=1, dispatcher=dispatcher) * tokens
+
+
+@pytest.mark.usefixtures("one_process_group")
+@pytest.mark.parametrize("name", ["gqa", "moe"])
+def test_dense_mlp_saved_tensors_equal_the_planned_bytes(name):
+    """What a bf16 dense SwiGLU MLP (a dense model's, and the dense layer of the MoE model) saves
+    for the backward pass besides its input and weights is the memory model's ``10f`` per token:
+    ``fc1``'s output, the ``silu`` output, megatron's copy of the linear half
+    (``x_linear + glu_linear_offset``), their product."""
     from megatron_nbdiff.models import NBDiffModel
 
-    mc = ModelConfig(max_seq_len=64, **dict(CONFIGS["moe"], moe_norm_topk_prob=renormalised))
+    mc = tiny(name)
     model = NBDiffModel(mc, mc.transformer_config(dtype="bf16")).to(torch.bfloat16)
-    moe = model.gpt.decoder.layers[0].mlp
-    assert type(moe).__name__ == "MoELayer"
+    layer = 2 if mc.is_moe else 0  # the MoE model's dense layer
+    mlp = model.gpt.decoder.layers[layer].mlp
+    assert type(mlp).__name__ == "MLP"
     seq, batch = 40, 3
     x = torch.randn(seq, batch, mc.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
@@ -197,9 +290,9 @@ def test_moe_block_saved_tensors_equal_the_planned_bytes(renormalised):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = moe(x)
-    out.float().sum().backward()  # the saved tensors are what the backward pass uses
-    assert sum(saved.values()) == moe_block_bytes_per_token(mc, tp=1) * seq * batch
+        out, _ = mlp(x)
+    out.float().sum().backward()
+    assert sum(saved.values()) == mlp_bytes_per_token(mc) * seq * batch == 10 * mc.ffn_hidden_size * seq * batch
 
 
 def test_interleaved_in_flight_layers_match_korthikanti():
@@ -338,37 +431,59 @@ def test_expert_parallel_sizes_are_those_the_trainer_accepts():
 
 
 def test_moe_plan_run_config_passes_the_trainer_validation(tmp_path, capsys):
-    """The best qwen3-30b-a3b plan on 4 nodes launches (dry run); a plan with EP > 1 and selective
-    recomputation writes train.ep and recompute_modules with moe, passes the trainer's layout check
-    at its world size and lowers to megatron's TransformerConfig."""
+    """The best qwen3-30b-a3b plan on 4 nodes launches (dry run) and names its dispatcher; plans
+    with EP > 1 (selective, full and no recomputation; each dispatcher) write train.ep,
+    train.moe_dispatcher and recompute_modules with moe, pass the trainer's layout check at their
+    world size, launch (dry run) and lower to megatron's TransformerConfig with that dispatcher.
+    Every EP > 1 layout is planned with the faster dispatcher, and a layout at EP 1 with
+    ``allgather``."""
+    import dataclasses
+
     from megatron_nbdiff.planning import plan
+    from megatron_nbdiff.planning.planner import evaluate
     from megatron_nbdiff.planning.report import run_config
     from megatron_nbdiff.planning.shapes import named_shape
     from megatron_nbdiff.slurm.launch import main as launch_main
     from megatron_nbdiff.training.validation import check_layout
 
+    def launches(path):
+        return run_main(launch_main, ["--config", str(path), "--nodes", "4", "--gpus-per-node", "8", "--dry-run",
+                                      "--skip-path-check", "--output-dir", str(tmp_path / "run")])
+
     yaml_path = tmp_path / "run.yaml"
     code, out, err = _run(["qwen3-30b-a3b", "--seq-len", "4096", "--global-batch", "256", "--nodes", "4",
                            "--out-yaml", str(yaml_path), "--save-dir", str(tmp_path / "run")], capsys)
     assert code == 0, err
-    assert RunConfig.load(str(yaml_path)).model.num_experts == 128
-    code = run_main(launch_main, ["--config", str(yaml_path), "--nodes", "4", "--gpus-per-node", "8",
-                                  "--dry-run", "--skip-path-check", "--output-dir", str(tmp_path / "run")])
-    assert code == 0, capsys.readouterr().err
+    cfg = RunConfig.load(str(yaml_path))
+    assert cfg.model.num_experts == 128 and cfg.train.moe_dispatcher in ("allgather", "alltoall")
+    assert launches(yaml_path) == 0, capsys.readouterr().err
     source, work, cluster = named_shape("qwen3-30b-a3b", 4096), Workload("nbdiff", 4096, 256), Cluster(nodes=4)
     plans = plan(source.model, work, cluster)
+    assert {p.layout.dispatcher for p in plans if p.layout.ep == 1} == {"allgather"}
+    assert {p.layout.dispatcher for p in plans if p.layout.ep > 1} == {"allgather", "alltoall"}
+    for p in plans[:200]:
+        if p.layout.ep > 1:
+            other = "allgather" if p.layout.dispatcher == "alltoall" else "alltoall"
+            alternative = evaluate(source.model, work, dataclasses.replace(p.layout, dispatcher=other), cluster)
+            assert not alternative.fits or alternative.time.seconds >= p.time.seconds, p.layout.label()
     picked = [next(p for p in plans if p.layout.ep > 1 and p.layout.recompute == rc and p.layout.tp > 1)
               for rc in ("selective", "full", "none")]
-    for p in picked:
+    picked += [next(p for p in plans if p.layout.ep > 1 and p.layout.dispatcher == d)
+               for d in ("allgather", "alltoall")]
+    for i, p in enumerate(picked):
         cfg = RunConfig.from_dict(run_config(p, source, work))
         t = cfg.train
-        assert (t.tp, t.pp, t.vpp, t.cp, t.ep, t.recompute) == (p.layout.tp, p.layout.pp, p.layout.vpp, p.layout.cp,
-                                                                 p.layout.ep, p.layout.recompute)
+        assert (t.tp, t.pp, t.vpp, t.cp, t.ep, t.recompute, t.moe_dispatcher) == (
+            p.layout.tp, p.layout.pp, p.layout.vpp, p.layout.cp, p.layout.ep, p.layout.recompute, p.layout.dispatcher)
         assert t.recompute_modules == (["core_attn", "mlp", "moe"] if t.recompute == "selective" else None)
         check_layout(cfg, world_size=cluster.world)
-        tc = cfg.model.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, sequence_parallel=t.sequence_parallel,
-                                          context_parallel_size=t.cp, **t.recompute_overrides(48 // t.pp))
-        assert tc.expert_model_parallel_size == p.layout.ep
+        tc = cfg.model.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, moe_dispatcher=t.moe_dispatcher,
+                                          sequence_parallel=t.sequence_parallel, context_parallel_size=t.cp,
+                                          **t.recompute_overrides(48 // t.pp))
+        assert (tc.expert_model_parallel_size, tc.moe_token_dispatcher_type) == (p.layout.ep, p.layout.dispatcher)
+        path = tmp_path / f"picked{i}.yaml"
+        cfg.save(str(path))
+        assert launches(path) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, config", [

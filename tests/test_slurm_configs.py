@@ -75,6 +75,23 @@ def test_configs_fit_their_allocation(name, nodes, gpus, procs):
     assert not [w for w in warnings if "architecture is not known" in w]
 
 
+def test_qwen3_30b_a3b_config_is_the_best_plan_for_4_nodes():
+    """The MoE example's layout and token dispatcher are what tools/plan.py ranks best (and writes)
+    for its model, sequence length and batch on 4 nodes of 8 H100, as its comments say."""
+    from megatron_nbdiff.planning import plan
+    from megatron_nbdiff.planning.layouts import Cluster, Workload
+    from megatron_nbdiff.planning.shapes import named_shape
+
+    cfg = RunConfig.load(os.path.join(ROOT, "examples", "slurm", "configs", "nbdiff_qwen3_30b_a3b.yaml"))
+    t = cfg.train
+    source = named_shape("qwen3-30b-a3b", cfg.model.max_seq_len)
+    assert cfg.model.to_dict() == dict(source.model.to_dict(), attention_backend="flex")
+    best = plan(source.model, Workload(cfg.recipe.name, t.seq_len, t.global_batch_size), Cluster(nodes=4))[0].layout
+    assert (t.tp, t.pp, t.vpp, t.cp, t.ep, t.micro_batch_size, t.recompute, t.moe_dispatcher) == (
+        best.tp, best.pp, best.vpp, best.cp, best.ep, best.mbs, best.recompute, best.dispatcher)
+    assert t.sequence_parallel == (best.tp > 1)
+
+
 def test_launcher_checks_context_parallel_without_the_paths():
     """--skip-path-check still refuses a CP layout the trainer would refuse: a chunk that is not a
     whole number of the curriculum's largest block, or a world TP x PP x CP does not divide."""

@@ -19,9 +19,19 @@ and the two can pick different experts for a token whose k-th and (k+1)-th logit
 bf16 rounding of each other.
 
 No capacity factor (no token is dropped or padded), no input jitter, no expert bias, no group
-routing, no shared expert. The token dispatcher is ``allgather`` (gathers, permutes and
-reduce-scatters with plain torch and ``torch.distributed`` collectives: it runs on CPU with gloo,
-and at EP=1 TP=1 does no communication at all). Experts are megatron's ``SequentialMLP`` in the
+routing, no shared expert. The token dispatcher is the run's ``train.moe_dispatcher``
+(:func:`~megatron_nbdiff.config.resolve_moe_dispatcher`; 'auto', the default here too, is
+``alltoall`` at EP > 1 and ``allgather`` at EP = 1, so decoding at EP > 1 uses the all-to-all):
+
+* ``allgather`` gathers every token of the TP x EP group on every rank, permutes the ones routed
+  to its experts and reduce-scatters the outputs; at EP=1 TP=1 it communicates nothing;
+* ``alltoall`` permutes each rank's tokens by expert (``moe_topk`` copies of each), sends each
+  copy to the EP rank holding its expert (``all_to_all_single``), gathers them over TP, and
+  sends the outputs back the same way; unfused permutation (``moe_permute_fusion`` False, the
+  fused kernels need Transformer Engine). On CPU it needs ``compat``'s shim 9 (no CUDA stream).
+
+Both run with plain torch ops and ``torch.distributed`` collectives that gloo has, and give the
+same layer up to the order of floating-point sums. Experts are megatron's ``SequentialMLP`` in the
 local spec (:mod:`.spec`); ``moe_grouped_gemm`` is False unless overridden (grouped GEMM needs
 CUDA and the Transformer Engine spec).
 """
@@ -46,11 +56,12 @@ def transformer_config(
     dtype: str = "fp32",
     sequence_parallel: bool = False,
     ep: int = 1,
+    moe_dispatcher: str = "auto",
     **overrides: Any,
 ):
     """megatron-core ``TransformerConfig`` for ``model`` at a parallel layout (``ep``: expert
-    parallel size, MoE models only); ``overrides`` are passed through (e.g.
-    ``perform_initialization=False``)."""
+    parallel size, MoE models only; ``moe_dispatcher``: ``train.moe_dispatcher``, ignored for a
+    dense model); ``overrides`` are passed through (e.g. ``perform_initialization=False``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from .rope import softmax_scale
@@ -96,13 +107,16 @@ def transformer_config(
         autocast_dtype=torch_dtype,
     )
     if model.is_moe:
-        kwargs.update(moe_kwargs(model, ep))
+        kwargs.update(moe_kwargs(model, ep, moe_dispatcher))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def moe_kwargs(model: "ModelConfig", ep: int = 1) -> dict[str, Any]:
-    """megatron-core's MoE settings for ``model`` (module docstring)."""
+def moe_kwargs(model: "ModelConfig", ep: int = 1, moe_dispatcher: str = "auto") -> dict[str, Any]:
+    """megatron-core's MoE settings for ``model`` at expert-parallel size ``ep`` with the token
+    dispatcher ``moe_dispatcher`` chooses (module docstring)."""
+    from ..config import resolve_moe_dispatcher
+
     return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_topk,
@@ -120,7 +134,7 @@ def moe_kwargs(model: "ModelConfig", ep: int = 1) -> dict[str, Any]:
         moe_input_jitter_eps=None,
         moe_expert_capacity_factor=None,
         moe_pad_expert_input_to_capacity=False,
-        moe_token_dispatcher_type="allgather",
+        moe_token_dispatcher_type=resolve_moe_dispatcher(moe_dispatcher, ep),
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_router_fusion=False,

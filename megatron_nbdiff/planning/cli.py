@@ -7,9 +7,10 @@
 MODEL is a named shape (llama3-8b, llama3-70b, qwen2.5-7b, qwen2.5-32b, qwen2.5-72b,
 bench-1.1b; mixture of experts: qwen3-30b-a3b, mixtral-8x7b), a Hugging Face model directory
 (config.json) or a converted checkpoint (nbdiff.json). It enumerates TP, PP, VPP, CP, DP, EP
-(mixture-of-experts models only), micro-batch and recomputation, estimates per-GPU memory and
-step time, prints the layouts that fit, best first, and writes the best as a run config that
-``tools/launch_slurm.py`` accepts (fields the trainer lacks today go to its comment header).
+and the token dispatcher (mixture-of-experts models only), micro-batch and recomputation,
+estimates per-GPU memory and step time, prints the layouts that fit, best first, and writes the
+best as a run config that ``tools/launch_slurm.py`` accepts (fields the trainer lacks today go to
+its comment header).
 Bad input or nothing that fits: one ``error:`` line and exit 2.
 """
 from __future__ import annotations

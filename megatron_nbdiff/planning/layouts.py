@@ -12,13 +12,22 @@ Mixture-of-experts models add EP, enumerated for them only: it divides the exper
 data-parallel size, the trainer's rule (``parallel.check_parallel_sizes``; megatron-core itself
 needs only ``TP x EP x PP`` to divide the world, EP dividing DP x CP); the expert-tensor-parallel
 size is TP, megatron's default, which the trainer keeps. Dense models have EP 1.
+
+Each MoE layout carries its token dispatcher (``train.moe_dispatcher``). At EP 1 it is
+``allgather``, what ``auto`` runs there: the all-to-all would only add a TP gather of ``k`` copies
+of each token. At EP > 1 :func:`dispatchers` offers ``alltoall`` (what ``auto`` runs) and
+``allgather``, and the planner keeps the one its estimate finds faster (:mod:`.planner`): the
+all-to-all sends each token's ``k`` copies to the EP ranks holding their experts, the all-gather
+sends every token to every rank of the TP x EP group, so which moves less depends on ``k``
+against ``ep`` and on where the group crosses nodes. A trainer without ``train.moe_dispatcher``
+would run ``allgather`` everywhere, and the planner would plan that alone.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Iterator
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, resolve_moe_dispatcher
 from ..errors import ConfigError
 
 RECOMPUTE = ("none", "selective", "full")
@@ -98,6 +107,9 @@ class Layout:
     recompute: str
     ep: int = 1
     """Expert-parallel size (mixture-of-experts models; carved out of the DP ranks)."""
+    dispatcher: str = "allgather"
+    """megatron's MoE token dispatcher, ``train.moe_dispatcher`` (:func:`dispatchers`); without
+    MoE layers it moves nothing."""
 
     def microbatches(self, work: Workload) -> int:
         return work.global_batch // (self.dp * self.mbs)
@@ -118,7 +130,7 @@ class Layout:
 
     def label(self) -> str:
         return (f"tp{self.tp} pp{self.pp}" + (f" vpp{self.vpp}" if self.vpp > 1 else "")
-                + f" cp{self.cp}" + (f" ep{self.ep}" if self.ep > 1 else "")
+                + f" cp{self.cp}" + (f" ep{self.ep} {self.dispatcher}" if self.ep > 1 else "")
                 + f" dp{self.dp} mbs{self.mbs} rc={self.recompute}")
 
 
@@ -164,6 +176,16 @@ def expert_parallel_sizes(mc: ModelConfig, dp: int) -> list[int]:
     return [ep for ep in range(1, min(mc.num_experts, dp) + 1) if mc.num_experts % ep == 0 and dp % ep == 0]
 
 
+def dispatchers(mc: ModelConfig, ep: int) -> tuple[str, ...]:
+    """The token dispatchers a layout at EP ``ep`` is planned with, the one ``train.moe_dispatcher:
+    auto`` runs first: ``alltoall`` and ``allgather`` for a MoE model at EP > 1 when the trainer has
+    the field, else ``allgather`` alone (a dense model's layouts move no tokens)."""
+    if ep == 1 or not mc.is_moe or "moe_dispatcher" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return ("allgather",)
+    auto = resolve_moe_dispatcher("auto", ep)
+    return (auto,) + tuple(d for d in ("alltoall", "allgather") if d != auto)
+
+
 def enumerate_layouts(mc: ModelConfig, work: Workload, cluster: Cluster,
                       max_micro_batch: int = 8, max_vpp: int = 4) -> Iterator[Layout]:
     """Every layout the constraints of the module docstring allow."""
@@ -190,4 +212,4 @@ def enumerate_layouts(mc: ModelConfig, work: Workload, cluster: Cluster,
                             continue
                         for rc in RECOMPUTE:
                             for ep in expert_parallel_sizes(mc, dp):
-                                yield Layout(tp, pp, vpp, cp, dp, mbs, rc, ep)
+                                yield Layout(tp, pp, vpp, cp, dp, mbs, rc, ep, dispatchers(mc, ep)[0])

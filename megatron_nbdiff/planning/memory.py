@@ -13,45 +13,57 @@ never an ``s x s`` score matrix), sequence parallelism whenever TP > 1. For ``s`
 micro-batch sequence on one CP rank (``streams * L / cp``), micro-batch ``b`` and TP ``t``, one
 layer keeps ``s * b / t`` times (bf16 = 2 bytes a value):
 
-* ``recompute=none``: ``8h + 6ad + 4gd + 8f + 4a + 8`` — the two norm inputs and the two linear
+* ``recompute=none``: ``8h + 6ad + 4gd + 10f + 4a + 8`` — the two norm inputs and the two linear
   inputs they feed (2h each), ``Q`` (2ad), ``K, V`` (4gd), the attention output kept by the core
   attention and again as ``linear_proj``'s input (2ad each, 4ad together), its fp32 log-sum-exp (4a), the
-  SwiGLU's ``fc1`` output (4f), ``silu`` output (2f) and product (``fc2`` input, 2f), and the
-  norms' fp32 ``1/rms`` (8); Qwen3-style q/k norms add ``2(a+g)d``.
+  SwiGLU's ``fc1`` output (4f), ``silu`` output (2f), the linear half plus megatron's GLU offset
+  (``x_linear + glu_linear_offset``: a new tensor, 2f), their product (``fc2`` input, 2f), and the
+  norms' fp32 ``1/rms`` (8); Qwen3-style q/k norms add ``2(a+g)d``. The MLP's ``10f``
+  (:func:`mlp_bytes_per_token`) was checked against the tensors a bf16 SwiGLU MLP saves for its
+  backward (tests/test_plan.py).
 * ``selective`` (the run config's ``train.recompute: selective`` with ``recompute_modules:
   [core_attn, mlp]``, :data:`.layouts.SELECTIVE_MODULES`: megatron replays the core attention and the
   whole SwiGLU MLP in the backward pass, keeping their inputs): ``8h + 4ad + 4gd + 8`` — the
   norms and their outputs as before, ``Q, K, V`` (the core attention's saved inputs) and the
-  attention output as ``linear_proj``'s input, the ``1/rms`` values; no log-sum-exp, no ``8f``.
+  attention output as ``linear_proj``'s input, the ``1/rms`` values; no log-sum-exp, no ``10f``.
   (Recomputing only the norms and the SwiGLU activation, Korthikanti's cheaper selective set,
   is not available for a dense MLP in megatron-core 0.16.1, so it is not planned.)
 * ``full`` (megatron's uniform method, one layer per checkpoint): the layer input ``2h``, plus
   one layer's ``none`` activations while it is recomputed in the backward pass.
 
 Mixture-of-experts layers (megatron-core 0.16.1's ``MoELayer`` as the trainer builds it: fp32
-router, the ``allgather`` token dispatcher over the TP x EP ranks, ``SequentialMLP`` experts
-whose tensor parallelism is TP; no token dropping). Routing is assumed balanced: each rank's
-experts get ``k / E`` of the gathered tokens' assignments, ``s * b * k`` rows (``k`` the
-experts per token). The attention half of the layer and the pre-MLP norm keep what a dense layer
-keeps; in place of ``8f`` the MoE block keeps, per token of the TP rank (times ``s * b / t``):
+router, ``SequentialMLP`` experts whose tensor parallelism is TP, no token dropping, and the token
+dispatcher of ``train.moe_dispatcher``, :attr:`.layouts.Layout.dispatcher`). Routing is assumed
+balanced: a TP rank's ``n = s b / t`` tokens make ``n k`` (token, expert) rows (``k`` the experts
+per token), and the rank's experts receive ``n k t`` rows, whichever the dispatcher (the
+all-gather brings the TP x EP group's ``n t ep`` tokens and keeps ``k / ep`` of their
+assignments; the all-to-all brings the ``n k`` rows routed to the rank's experts from its EP
+group, then gathers them over TP). The attention half of the layer and the pre-MLP norm keep what
+a dense layer keeps; in place of ``10f`` the MoE block keeps, per token of the TP rank (times
+``s * b / t``):
 
 * the router: the top-k indices (int64, ``8k``) and, with renormalised top-k (megatron's softmax
   over the k chosen logits), that softmax (fp32, ``4k``) — else the softmax over all experts
   (``4E``);
-* the dispatcher: the gathered tokens' routing mask over the rank's experts and the fp32
-  probabilities it selects from (``5E`` per gathered token: ``5Et``), and the permutation indices
-  (int64, 8 per row: ``8kt``);
-* the experts, per row (``kt`` rows per token of the TP rank): ``fc1``'s input, the gathered and
-  permuted token, whole on every TP rank (``2h``), its output (``4f_e / t``), the ``silu``
-  output, the linear half plus megatron's GLU offset (a copy) and their product (``2f_e / t``
-  each), the product scaled by the fp32 routing probability (``fc2``'s input, ``2f_e / t``) and
-  that probability (4).
+* the dispatcher, where the two differ. ``allgather``: for every gathered token (``t ep`` per
+  token) the routing mask over the rank's ``E / ep`` experts and the fp32 probabilities it
+  selects from (``masked_select`` keeps both: ``5E / ep`` a gathered token, ``5Et``), and the
+  permutation indices of the rank's rows (int64: ``8kt``). ``alltoall``: the same mask and
+  probabilities over all ``E`` experts, but for the rank's own tokens only (``5E``), and the
+  indices of their ``k`` copies (``8k``); the all-to-alls and the TP gather keep nothing;
+* the experts, per row (``kt`` rows per token of the TP rank): ``fc1``'s input, whole on every TP
+  rank (``2h``), its output (``4f_e / t``), the ``silu`` output, the linear half plus megatron's
+  GLU offset (a copy) and their product (``2f_e / t`` each), the product scaled by the fp32
+  routing probability (``fc2``'s input, ``2f_e / t``) and that probability (4).
 
-Together ``router + 5Et + kt(2h + 12) + 12 k f_e`` for ``8f``; the formula was checked against
-the tensors a bf16 MoE layer saves for its backward (tests/test_plan.py). ``selective`` recomputes
-the MoE block too (``moe`` joins ``recompute_modules``; megatron's ``mlp`` module only covers
-dense layers) and keeps only its input, plus one layer's MoE block while it is replayed; ``full``
-as for dense layers. A stage's layers are weighted by how many of them are MoE layers.
+Together ``router + 5Et + kt(2h + 12) + 12 k f_e`` with ``allgather`` and ``router + 5E + 8k +
+kt(2h + 4) + 12 k f_e`` with ``alltoall`` (the same at TP 1). :func:`moe_block_bytes` counts
+them for given token and row counts; tests/test_plan.py checks it against the tensors a bf16 MoE
+layer saves for its backward, with both dispatchers at EP=1, EP=2 and TP=2 (the rows counted
+there, not assumed balanced). ``selective`` recomputes the MoE block too (``moe`` joins
+``recompute_modules``; megatron's ``mlp`` module only covers dense layers) and keeps only its
+input, plus one layer's MoE block while it is replayed; ``full`` as for dense layers. A stage's
+layers are weighted by how many of them are MoE layers.
 
 Layers in flight on stage ``k`` of ``p`` with ``m`` micro-batches: 1F1B keeps ``min(p - k, m)``
 micro-batches of its ``layers / p`` layers; the interleaved schedule with ``v`` virtual stages
@@ -104,22 +116,43 @@ class StageMemory:
             "stage": self.stage, "total": round(self.total / GIB, 3)}
 
 
-def moe_block_bytes_per_token(mc: ModelConfig, tp: int = 1) -> int:
-    """Bytes a MoE layer's router, dispatcher and experts keep for the backward pass per token
-    of one TP rank times TP, with balanced routing (see the module docstring)."""
+def mlp_bytes_per_token(mc: ModelConfig) -> int:
+    """Bytes a dense SwiGLU MLP keeps for the backward pass per token of one TP rank times TP,
+    besides its input: ``10f`` (see the module docstring)."""
+    return 10 * mc.ffn_hidden_size
+
+
+def moe_block_bytes(mc: ModelConfig, tokens: int, rows: int, tp: int = 1, ep: int = 1,
+                    dispatcher: str = "allgather") -> int:
+    """Bytes a MoE layer's router, dispatcher and experts keep for the backward pass on one rank
+    whose TP rank routes ``tokens`` tokens and whose experts receive ``rows`` (token, expert)
+    rows, besides the layer's input (see the module docstring)."""
     h, e, k, f = mc.hidden_size, mc.num_experts, mc.moe_topk, mc.moe_ffn_hidden_size
-    router = 12 * k if mc.moe_norm_topk_prob else 4 * e + 8 * k
-    return router + 5 * e * tp + k * tp * (2 * h + 12) + 12 * k * f
+    router = (12 * k if mc.moe_norm_topk_prob else 4 * e + 8 * k) * tokens
+    experts = rows * (2 * h + 4 + 12 * f // tp)
+    if dispatcher == "allgather":
+        dispatch = 5 * (e // ep) * tokens * tp * ep + 8 * rows
+    elif dispatcher == "alltoall":
+        dispatch = (5 * e + 8 * k) * tokens
+    else:
+        raise ValueError(f"unknown MoE token dispatcher {dispatcher!r}")
+    return router + dispatch + experts
 
 
-def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str, moe: bool = False, tp: int = 1) -> int:
-    """Bytes one layer (a MoE layer with ``moe``, at TP ``tp``) keeps per token on one TP rank
-    times TP (see the module docstring)."""
-    h, a, g, d, f = (mc.hidden_size, mc.num_attention_heads, mc.num_query_groups, mc.kv_channels,
-                     mc.ffn_hidden_size)
+def moe_block_bytes_per_token(mc: ModelConfig, tp: int = 1, ep: int = 1, dispatcher: str = "allgather") -> int:
+    """:func:`moe_block_bytes` per token of one TP rank times TP under balanced routing: each
+    token's rank receives ``k t`` rows."""
+    return moe_block_bytes(mc, 1, mc.moe_topk * tp, tp, ep, dispatcher)
+
+
+def layer_activation_bytes_per_token(mc: ModelConfig, recompute: str, moe: bool = False, tp: int = 1,
+                                     ep: int = 1, dispatcher: str = "allgather") -> int:
+    """Bytes one layer (a MoE layer with ``moe``, at TP ``tp`` and EP ``ep`` with the token
+    ``dispatcher``) keeps per token on one TP rank times TP (see the module docstring)."""
+    h, a, g, d = mc.hidden_size, mc.num_attention_heads, mc.num_query_groups, mc.kv_channels
     qk = 2 * (a + g) * d if mc.qk_layernorm else 0
     if recompute == "none":
-        mlp = moe_block_bytes_per_token(mc, tp) if moe else 8 * f
+        mlp = moe_block_bytes_per_token(mc, tp, ep, dispatcher) if moe else mlp_bytes_per_token(mc)
         return 8 * h + 6 * a * d + 4 * g * d + mlp + 4 * a + 8 + qk
     if recompute == "selective":
         return 8 * h + 4 * a * d + 4 * g * d + 8 + qk
@@ -132,15 +165,16 @@ def stage_activation_bytes_per_token(mc: ModelConfig, layout: Layout, stage: int
     """(bytes per token and layer-activation, averaged over the stage's dense and MoE layers; the
     bytes per token of what one layer adds while it is recomputed in the backward pass)."""
     rc, t = layout.recompute, layout.tp
+    moe_layout = dict(tp=t, ep=layout.ep, dispatcher=layout.dispatcher)
     layers = rank_layers(mc, layout.pp, stage, layout.vpp)
     n_moe = sum(1 for i in layers if mc.is_moe_layer(i))
     dense = layer_activation_bytes_per_token(mc, rc)
-    replay = layer_activation_bytes_per_token(mc, "none", moe=n_moe > 0, tp=t) if rc == "full" else 0
+    replay = layer_activation_bytes_per_token(mc, "none", moe=n_moe > 0, **moe_layout) if rc == "full" else 0
     if n_moe == 0:
         return dense, replay
-    moe = layer_activation_bytes_per_token(mc, rc, moe=True, tp=t)
+    moe = layer_activation_bytes_per_token(mc, rc, moe=True, **moe_layout)
     if rc == "selective":  # one layer's MoE block while it is replayed
-        replay = moe_block_bytes_per_token(mc, t)
+        replay = moe_block_bytes_per_token(mc, **moe_layout)
     return (moe * n_moe + dense * (len(layers) - n_moe)) / len(layers), replay
 
 

@@ -5,9 +5,12 @@ the GPU's memory. Fitting plans are ranked by step time (:mod:`.step_time`) in t
 ``TOLERANCE`` (2%: closer than that, the estimate cannot tell them apart); within a tier the plan
 needing fewer fields the trainer lacks comes first, then the one with less memory.
 A plan that needs a ``train.*`` field the trainer does not have (read from ``TrainConfig``; today
-it has tp, pp, vpp, cp, ep and recompute) is ranked with the others and marked;
+it has tp, pp, vpp, cp, ep, moe_dispatcher and recompute) is ranked with the others and marked;
 :func:`best_supported` is the best plan the trainer runs today. When nothing fits, :func:`plan`
 raises one line naming the closest plan, by how much it misses and its largest part.
+
+A mixture-of-experts layout at EP > 1 is one plan, with the token dispatcher (``alltoall`` or
+``allgather``) whose estimate is faster (:func:`with_dispatcher`); its run config names it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Optional
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .layouts import Cluster, Layout, Workload, check_workload, enumerate_layouts
+from .layouts import Cluster, Layout, Workload, check_workload, dispatchers, enumerate_layouts
 from .memory import GIB, StageMemory, peak_memory
 from .step_time import StepTime, step_time
 
@@ -57,6 +60,18 @@ def evaluate(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) 
                 mem.total <= cluster.gpu_memory_gib * GIB, layout.unsupported(), mc.is_moe)
 
 
+def with_dispatcher(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) -> Plan:
+    """``layout`` evaluated with each token dispatcher it may use (:func:`.layouts.dispatchers`):
+    the fastest that fits, else the one needing the least memory; on a tie the first (what
+    ``train.moe_dispatcher: auto`` runs)."""
+    candidates = [evaluate(mc, work, dataclasses.replace(layout, dispatcher=d), cluster)
+                  for d in dispatchers(mc, layout.ep)]
+    fitting = [p for p in candidates if p.fits]
+    if fitting:
+        return min(fitting, key=lambda p: p.time.seconds)
+    return min(candidates, key=lambda p: p.memory.total)
+
+
 def _largest_part(mem: StageMemory) -> str:
     parts = {k: v for k, v in dataclasses.asdict(mem).items() if k not in ("stage", "reserve")}
     name = max(parts, key=parts.get)
@@ -69,7 +84,7 @@ def plan(mc: ModelConfig, work: Workload, cluster: Cluster, supported_only: bool
     layouts the trainer runs today. Raises :class:`ConfigError` when no layout exists or none
     fits."""
     check_workload(mc, work, cluster)
-    plans = [evaluate(mc, work, lay, cluster)
+    plans = [with_dispatcher(mc, work, lay, cluster)
              for lay in enumerate_layouts(mc, work, cluster, max_micro_batch=max_micro_batch)]
     if supported_only:
         plans = [p for p in plans if not p.unsupported]

@@ -2,10 +2,11 @@
 ``nbdiff-launch-slurm`` accepts), the JSON of all plans and a PNG of their memory breakdown.
 
 The run config holds only fields :class:`~megatron_nbdiff.config.RunConfig` has (``train.ep`` for a
-mixture-of-experts plan with EP > 1): a layout field
-the trainer lacked (``train.cp``, ``train.vpp`` and ``train.recompute`` until 2026-12-03; none
-today) would go into the file's comment header and the plan's notes, never into a section, so the
-file loads and launches as is.
+mixture-of-experts plan with EP > 1, and for every mixture-of-experts plan the token dispatcher
+its estimate assumes, ``train.moe_dispatcher``, written out rather than left to ``auto``): a
+layout field the trainer lacked (``train.cp``, ``train.vpp`` and ``train.recompute`` until
+2026-12-03; none today) would go into the file's comment header and the plan's notes, never into
+a section, so the file loads and launches as is.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ COLUMNS = ("#", "tp", "pp", "vpp", "cp", "dp", "mbs", "recompute", "GiB", "weigh
 
 
 def table(plans: list[Plan], top: int) -> str:
-    """The ``top`` plans, one row each; a mixture-of-experts model's table has an ``ep`` column
-    (after ``cp``) and its step time's ``EP comm`` share."""
+    """The ``top`` plans, one row each; a mixture-of-experts model's table has ``ep`` and
+    ``dispatcher`` columns (after ``cp``) and its step time's ``EP comm`` share."""
     moe = any(p.moe for p in plans)
-    columns = COLUMNS if not moe else COLUMNS[:5] + ("ep",) + COLUMNS[5:14] + ("EP comm",) + COLUMNS[14:]
+    columns = COLUMNS if not moe else COLUMNS[:5] + ("ep", "dispatcher") + COLUMNS[5:14] + ("EP comm",) + COLUMNS[14:]
     rows = []
     for i, p in enumerate(plans[:top], 1):
         m, lay = p.memory, p.layout
@@ -39,7 +40,8 @@ def table(plans: list[Plan], top: int) -> str:
                f"{p.time.seconds:.2f}", f"{p.time.bubble / p.time.seconds:.0%}",
                f"{p.time.mfu:.2f}", "yes" if not p.unsupported else "needs " + ",".join(p.unsupported)]
         if moe:
-            row = row[:5] + [str(lay.ep)] + row[5:14] + [f"{p.time.ep_comm / p.time.seconds:.0%}"] + row[14:]
+            row = (row[:5] + [str(lay.ep), lay.dispatcher] + row[5:14] + [f"{p.time.ep_comm / p.time.seconds:.0%}"]
+                   + row[14:])
         rows.append(tuple(row))
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
@@ -75,6 +77,8 @@ def run_config(p: Plan, source: ModelSource, work: Workload, data: Optional[list
                                  ("ep", lay.ep, 1)):
         if name in have and value != default:
             train[name] = value
+    if source.model.is_moe and "moe_dispatcher" in have:  # the dispatcher the estimate assumes
+        train["moe_dispatcher"] = lay.dispatcher
     if train.get("recompute") == "selective":  # what the memory model assumes (memory.py)
         train["recompute_modules"] = list(selective_modules(source.model))
     elif train.get("recompute") == "full":

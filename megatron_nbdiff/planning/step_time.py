@@ -28,14 +28,30 @@ ranks TP, CP, DP, PP from fastest-varying) is added where the trainer does not o
   with ``full``), each moving
   ``(t - 1)/t`` of it; in a MoE layer only the attention's 4 (6 with ``full``) — its MLP half is
   the token dispatch below;
-* MoE token dispatch (megatron's ``allgather`` dispatcher, the trainer's; over the TP x EP
-  ranks, ``G = t * ep`` of them, when ``G > 1``): per MoE layer and micro-batch, forward the
-  all-gather of the ``s b / t`` tokens of each rank (bf16, ``2h`` a token), their routing
-  probabilities (fp32, ``4E``) and mask (``E``), and the fp32 reduce-scatter of the combined
-  expert outputs (``4h``); backward the reduce-scatters of the tokens' and probabilities'
-  gradients (``2h + 4E``) and the all-gather of the output gradient (``4h``): ``12h + 9E`` bytes
-  per gathered token, ``6h + 5E`` more when the layer is recomputed (``selective``, ``full``), each
-  collective moving ``(G - 1)/G`` of the ``s b ep`` gathered tokens;
+* MoE token dispatch, per MoE layer and micro-batch, by the layout's dispatcher
+  (:attr:`.layouts.Layout.dispatcher`, the run config's ``train.moe_dispatcher``); ``n = s b / t``
+  tokens on a TP rank, balanced routing:
+
+  - ``allgather`` (over the TP x EP ranks, ``G = t * ep`` of them, when ``G > 1``): forward the
+    all-gather of every rank's ``n`` tokens (bf16, ``2h`` a token), their routing probabilities
+    (fp32, ``4E``) and mask (``E``), and the fp32 reduce-scatter of the combined expert outputs
+    (``4h``); backward the reduce-scatters of the tokens' and probabilities' gradients
+    (``2h + 4E``) and the all-gather of the output gradient (``4h``): ``12h + 9E`` bytes per
+    gathered token, ``6h + 5E`` more when the layer is recomputed (``selective``, ``full``), each
+    collective moving ``(G - 1)/G`` of the ``s b ep`` gathered tokens, at the bandwidth of a group
+    spanning ``G`` GPUs;
+  - ``alltoall``: over the EP ranks (when ``ep > 1``) each rank sends its ``n k`` rows, a token's
+    copy per chosen expert, to the ranks holding those experts, ``(ep - 1)/ep`` of them leaving
+    the rank: forward the tokens (bf16, ``2h``) with their probabilities (fp32, 4) and the expert
+    outputs back (``2h``), backward the same again: ``8h + 8`` bytes a row, ``4h + 4`` more when
+    the layer is recomputed. megatron's expert groups are TP-major (``tp-ep-dp-pp``), so the EP
+    ranks lie ``t`` apart and span ``t * ep`` GPUs: the share sent to EP ranks in another node
+    goes at ``inter_node_gbs``, the rest at ``intra_node_gbs``, both at once (the slower sets the
+    time). With TP (when ``t > 1``) the rows are then all-gathered over the TP ranks and the
+    outputs reduce-scattered in fp32 before they go back (sequence parallelism):
+    ``(t - 1)/t`` of ``s b k`` rows, forward ``2h + 4`` and ``4h``, backward ``4h`` and
+    ``2h + 4``: ``12h + 8`` bytes a row, ``6h + 4`` more when recomputed. (The per-expert token
+    counts, ``E`` integers per rank, are left out.)
 * CP: per layer and micro-batch, the key/value all-gather forward, its reduce-scatter backward,
   and the gather again when attention is recomputed;
 * DP: the gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the distributed
@@ -65,7 +81,7 @@ class StepTime:
     dp_comm: float
     pp_comm: float
     ep_comm: float
-    """Seconds of MoE token dispatch and combine (over the TP x EP ranks)."""
+    """Seconds of MoE token dispatch and combine (the layout's dispatcher, over its TP and EP ranks)."""
     model_tflop: float
     """Model FLOPs of one step / 1e12 (no recomputation)."""
     mfu: float
@@ -123,6 +139,43 @@ def _bandwidth(cluster: Cluster, span: int) -> float:
     return gbs * 1e9
 
 
+def _all_to_all_seconds(nbytes: float, ranks: int, stride: int, cluster: Cluster) -> float:
+    """Seconds of an all-to-all in which every rank of a group of ``ranks`` ranks, ``stride``
+    GPUs apart, sends ``nbytes`` spread evenly over the group (itself included): the share for
+    ranks in another node at the inter-node bandwidth, the rest at the intra-node one, at once."""
+    if ranks * stride <= cluster.gpus_per_node:
+        same_node = ranks
+    else:
+        same_node = max(1, min(ranks, cluster.gpus_per_node // stride))
+    inter = (ranks - same_node) / ranks * nbytes / (cluster.inter_node_gbs * 1e9)
+    intra = (same_node - 1) / ranks * nbytes / (cluster.intra_node_gbs * 1e9)
+    return max(inter, intra)
+
+
+def dispatch_seconds(mc: ModelConfig, layout: Layout, tokens: int, cluster: Cluster) -> float:
+    """Seconds of one MoE layer's token dispatch and combine for one micro-batch of ``tokens``
+    tokens per TP group (``s * b``), forward and backward, plus the forward again when the layer
+    is recomputed (see the module docstring)."""
+    t, ep, h, e, k = layout.tp, layout.ep, mc.hidden_size, mc.num_experts, mc.moe_topk
+    again = layout.recompute != "none"
+    if layout.dispatcher == "allgather":
+        group = t * ep
+        if group == 1:
+            return 0.0
+        per_token = 12 * h + 9 * e + (6 * h + 5 * e if again else 0)
+        return (group - 1) / group * tokens * ep * per_token / _bandwidth(cluster, group)
+    if layout.dispatcher != "alltoall":
+        raise ValueError(f"unknown MoE token dispatcher {layout.dispatcher!r}")
+    seconds = 0.0
+    if ep > 1:
+        per_row = 8 * h + 8 + (4 * h + 4 if again else 0)
+        seconds += _all_to_all_seconds(tokens // t * k * per_row, ep, t, cluster)
+    if t > 1:
+        per_row = 12 * h + 8 + (6 * h + 4 if again else 0)
+        seconds += (t - 1) / t * tokens * k * per_row / _bandwidth(cluster, t)
+    return seconds
+
+
 def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     t, p, v, cp, dp, b = layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp, layout.mbs
     m = layout.microbatches(work)
@@ -147,13 +200,9 @@ def step_time(mc: ModelConfig, work: Workload, layout: Layout, cluster: Cluster)
             collectives = (collectives * (mc.num_layers - n_moe) + attention_only * n_moe) / mc.num_layers
         tp_comm = collectives * (t - 1) / t * act * layers_per_stage * m / _bandwidth(cluster, t)
     ep_comm = 0.0
-    group = t * layout.ep
-    if n_moe and group > 1:
-        h, e = mc.hidden_size, mc.num_experts
-        per_token = 12 * h + 9 * e + (6 * h + 5 * e if layout.recompute != "none" else 0)
-        gathered = s * b * layout.ep
+    if n_moe:
         moe_per_stage = n_moe / mc.num_layers * layers_per_stage
-        ep_comm = (group - 1) / group * gathered * per_token * moe_per_stage * m / _bandwidth(cluster, group)
+        ep_comm = dispatch_seconds(mc, layout, s * b, cluster) * moe_per_stage * m
     cp_comm = 0.0
     if cp > 1:
         kv = 2 * work.seq_len * b * mc.num_query_groups * mc.kv_channels / t * 2

@@ -124,8 +124,9 @@ def build_model_and_optimizer(mc: ModelConfig, t: TrainConfig, dtype: str, first
     from megatron.core import parallel_state as ps
 
     vpp = t.vpp if t.vpp > 1 else None
-    tc = mc.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, dtype=dtype, sequence_parallel=t.sequence_parallel,
-                               context_parallel_size=t.cp, virtual_pipeline_model_parallel_size=vpp,
+    tc = mc.transformer_config(tp=t.tp, pp=t.pp, ep=t.ep, moe_dispatcher=t.moe_dispatcher, dtype=dtype,
+                               sequence_parallel=t.sequence_parallel, context_parallel_size=t.cp,
+                               virtual_pipeline_model_parallel_size=vpp,
                                **t.recompute_overrides(mc.num_layers // (t.pp * t.vpp)))
     tc.finalize_model_grads_func = finalize_model_grads
     torch.manual_seed(t.seed)

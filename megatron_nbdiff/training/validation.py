@@ -24,6 +24,8 @@ RESUMABLE_CHANGES = (
     # layout: checkpoints reshard to any TP/PP/DP, micro-batching only changes the summation order
     "train.tp", "train.pp", "train.vpp", "train.cp", "train.ep", "train.sequence_parallel", "train.micro_batch_size",
     "model.attention_backend", "checkpoint.optimizer_format",
+    # the MoE token dispatcher moves the same tokens to the same experts (tests/test_moe_training.py)
+    "train.moe_dispatcher",
     # recomputation replays the same forward (tests/test_recompute.py)
     "train.recompute", "train.recompute_modules", "train.recompute_method", "train.recompute_num_layers",
     # places: a run folder, a cache or a tokenizer that moved
