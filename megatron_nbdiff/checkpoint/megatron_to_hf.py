@@ -265,7 +265,7 @@ def convert_megatron_to_hf(
     note in ``nbdiff.json`` instead."""
     from tqdm import tqdm
 
-    from ._runtime import quiet_megatron_logs
+    from ._runtime import one_torch_thread, quiet_megatron_logs
     from .hf_to_megatron import ConversionResult
 
     start = time.time()
@@ -315,7 +315,7 @@ def convert_megatron_to_hf(
         buffers = UnitBuffers(2)
         t_stream = time.time()
         try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            with one_torch_thread(), concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 for layer, unit_maps in bar:
                     loaded = _load_unit(layer, unit_maps, mc, stored, path, prefix, reader, buffers)
                     parts = []

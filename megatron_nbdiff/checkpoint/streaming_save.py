@@ -201,7 +201,7 @@ def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) ->
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-    from ._runtime import checkpoint_failures, raise_write_failure
+    from ._runtime import checkpoint_failures, one_torch_thread, raise_write_failure
 
     missing = [t.key for t in tensors if t.produce is None]
     if missing:
@@ -210,7 +210,7 @@ def save(path: str, tensors: list[StoredTensor], objects: list[StoredObject]) ->
     writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1)
     planner = _StreamingPlanner(tensors, objects)
     try:
-        with _no_zip_crc32():
+        with _no_zip_crc32(), one_torch_thread():
             dcp_save({}, storage_writer=writer, planner=planner, no_dist=True)
     except checkpoint_failures() as exc:  # torch wraps what failed inside its writer
         if planner.failed is not None:  # producing a tensor failed, not writing it
