@@ -110,19 +110,19 @@ def train_records(rank, runs, steps=3):
 
 
 def decode(rank, world, port, ckpt, prompts, ep, max_new_tokens):
-    """The Megatron runner of ``ckpt`` at EP=``ep`` on this gloo world: greedy block-size-1
+    """The Megatron runner of ``ckpt`` at EP=``ep`` on this gloo world (through
+    ``load_runner``, the entry point users call): greedy block-size-1
     decoding of each prompt (every rank decodes the same prompts); returns the generated ids, the
     number of experts this rank holds per MoE layer and the class of their token dispatcher."""
     import torch.distributed as dist
 
-    from megatron_nbdiff.inference import generate
-    from megatron_nbdiff.inference.megatron_runner import MegatronRunner
+    from megatron_nbdiff.inference import generate, load_runner
     from megatron_nbdiff.parallel import destroy_parallel, initialize_parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         initialize_parallel(1, 1, ep=ep)
-        runner = MegatronRunner.from_checkpoint(ckpt, ep=ep)
+        runner = load_runner(ckpt, ep=ep)
         local = [len(m.local_experts) for m in runner.model.modules() if type(m).__name__ == "SequentialMLP"]
         dispatchers = sorted({type(m.token_dispatcher).__name__ for m in runner.model.modules()
                               if type(m).__name__ == "MoELayer"})
