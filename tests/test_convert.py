@@ -195,6 +195,42 @@ def test_round_trip_is_exact(family, hf, converted, tmp_path):
         assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
+def test_both_directions_stream_on_one_torch_thread(hf, tmp_path, monkeypatch):
+    """While tensors stream, torch's intra-op parallelism is off (its parallel NaN/Inf check
+    otherwise waits at a barrier for the core the writer thread holds, BENCHMARKS.md), and the
+    caller's thread count is back afterwards, also after a failure."""
+    from megatron_nbdiff.checkpoint.finite import FiniteCheck
+
+    family = FAMILIES[0]
+    seen = []
+    real = FiniteCheck.check
+
+    def check(self, tensor, name, source_dtype=None):
+        seen.append(torch.get_num_threads())
+        return real(self, tensor, name, source_dtype)
+
+    monkeypatch.setattr(FiniteCheck, "check", check)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mg = str(tmp_path / "mg")
+        convert_hf_to_megatron(hf[family][0], mg, mask_token="none", progress=False)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        convert_megatron_to_hf(mg, str(tmp_path / "out"), progress=False)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+        def fails(self, tensor, name, source_dtype=None):
+            raise RuntimeError("planted")
+
+        monkeypatch.setattr(FiniteCheck, "check", fails)
+        with pytest.raises(RuntimeError, match="planted"):
+            convert_megatron_to_hf(mg, str(tmp_path / "out2"), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _stored(directory):
     """Every global tensor of a converted checkpoint, and how many chunks each is stored in."""
     from megatron_nbdiff.checkpoint.megatron_to_hf import read_slices
