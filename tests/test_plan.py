@@ -180,6 +180,12 @@ def _moe_saved_bytes(mc, tc, tp=1, seed=0):
     x = torch.randn(seq, batch, mc.hidden_size, generator=g).to(torch.bfloat16).requires_grad_(True)
     rows = []
     moe.experts.register_forward_hook(lambda module, args, out: rows.append(int(args[1].sum())))
+    return _saved_bytes(model, moe, x), seq * batch, rows[0]
+
+
+def _saved_bytes(model, module, x) -> int:
+    """Bytes ``module`` (of ``model``) saves for its backward pass on input ``x``: the storages of
+    the tensors autograd saves, each counted once, other than the weights and ``x`` itself."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
     saved = {}
 
@@ -190,9 +196,9 @@ def _moe_saved_bytes(mc, tc, tp=1, seed=0):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = moe(x)
+        out, _ = module(x)
     out.float().sum().backward()  # the saved tensors are what the backward pass uses
-    return sum(saved.values()), seq * batch, rows[0]
+    return sum(saved.values())
 
 
 @pytest.fixture(scope="module")
@@ -280,19 +286,8 @@ def test_dense_mlp_saved_tensors_equal_the_planned_bytes(name):
     assert type(mlp).__name__ == "MLP"
     seq, batch = 40, 3
     x = torch.randn(seq, batch, mc.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = mlp(x)
-    out.float().sum().backward()
-    assert sum(saved.values()) == mlp_bytes_per_token(mc) * seq * batch == 10 * mc.ffn_hidden_size * seq * batch
+    saved = _saved_bytes(model, mlp, x)
+    assert saved == mlp_bytes_per_token(mc) * seq * batch == 10 * mc.ffn_hidden_size * seq * batch
 
 
 def test_interleaved_in_flight_layers_match_korthikanti():
