@@ -123,9 +123,9 @@ def decode(rank, world, port, ckpt, prompts, ep, max_new_tokens):
     try:
         initialize_parallel(1, 1, ep=ep)
         runner = load_runner(ckpt, ep=ep)
-        local = [len(m.local_experts) for m in runner.model.modules() if type(m).__name__ == "SequentialMLP"]
-        dispatchers = sorted({type(m.token_dispatcher).__name__ for m in runner.model.modules()
-                              if type(m).__name__ == "MoELayer"})
+        moe = [m for m in runner.model.modules() if type(m).__name__ == "MoELayer"]
+        local = [len(m.experts.local_experts) for m in moe]
+        dispatchers = sorted({type(m.token_dispatcher).__name__ for m in moe})
         out = [generate(runner, [p], block_size=1, max_new_tokens=max_new_tokens, stop_at_eos=False)[0]["token_ids"]
                for p in prompts]
     finally:

@@ -19,8 +19,7 @@ of each token. At EP > 1 :func:`dispatchers` offers ``alltoall`` (what ``auto`` 
 ``allgather``, and the planner keeps the one its estimate finds faster (:mod:`.planner`): the
 all-to-all sends each token's ``k`` copies to the EP ranks holding their experts, the all-gather
 sends every token to every rank of the TP x EP group, so which moves less depends on ``k``
-against ``ep`` and on where the group crosses nodes. A trainer without ``train.moe_dispatcher``
-would run ``allgather`` everywhere, and the planner would plan that alone.
+against ``ep`` and on where the group crosses nodes.
 """
 from __future__ import annotations
 
@@ -178,9 +177,9 @@ def expert_parallel_sizes(mc: ModelConfig, dp: int) -> list[int]:
 
 def dispatchers(mc: ModelConfig, ep: int) -> tuple[str, ...]:
     """The token dispatchers a layout at EP ``ep`` is planned with, the one ``train.moe_dispatcher:
-    auto`` runs first: ``alltoall`` and ``allgather`` for a MoE model at EP > 1 when the trainer has
-    the field, else ``allgather`` alone (a dense model's layouts move no tokens)."""
-    if ep == 1 or not mc.is_moe or "moe_dispatcher" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+    auto`` runs first: ``alltoall`` and ``allgather`` for a MoE model at EP > 1, else ``allgather``
+    alone (a dense model's layouts move no tokens)."""
+    if ep == 1 or not mc.is_moe:
         return ("allgather",)
     auto = resolve_moe_dispatcher("auto", ep)
     return (auto,) + tuple(d for d in ("alltoall", "allgather") if d != auto)
