@@ -254,6 +254,19 @@ def test_an_error_in_a_worker_on_the_command_line(tmp_path, tok_dir):
     assert os.listdir(out) == []
 
 
+def test_an_error_in_a_worker_thread_is_the_same_error(tmp_path, tok_dir):
+    """JSONL with a fast tokenizer is tokenised by threads: the bad line one of them finds is the
+    DataError a single worker raises, and nothing is written."""
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": "the cat sat"}) + "\n" for _ in range(200)) + '{"text": \n'
+                   + json.dumps({"text": "more"}) + "\n")
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        with pytest.raises(DataError, match=f"^{src}:201: not valid JSON"):
+            pp.preprocess(str(src), tok_dir, str(out / "c"), quiet=True, workers=workers, chunk_bytes=100)
+        assert os.listdir(out) == []
+
+
 def test_publish_replaces_or_removes_the_loss_mask(tmp_path, tok_dir):
     chat = write_jsonl(tmp_path / "c.jsonl", CONVERSATIONS)
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "the cat sat"}])
